@@ -1,0 +1,158 @@
+"""Recipe dataclasses, one per concern, parsed by `trl.TrlParser` from YAML with CLI overrides.
+
+A recipe mixes these with TRL's own `ModelConfig` (base model, dtype, LoRA of the ReST-EM update) and
+`SFTConfig` (the update's training arguments; its `output_dir` is the run directory, its `seed` the run seed).
+Field names are unique across all of them, hence the `ttt_`, `reward_`, `filter_` prefixes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TEMPLATES = ("implications", "rewrite", "self-qa", "custom")
+PARSERS = ("lines", "paragraphs", "qa", "whole")
+
+
+@dataclass
+class DataConfig:
+    """Which passages the loop reads."""
+
+    dataset_name: str = field(
+        default="sample",
+        metadata={
+            "help": "'sample' (the packaged invented-entity set), a SEAL/SQuAD-style .json/.jsonl file, "
+            "a local dataset directory or a Hub dataset name (SQuAD rows are grouped by context)."
+        },
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split to read (sample: train/eval)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    num_passages: int | None = field(default=None, metadata={"help": "Use only the first N passages."})
+    max_questions_per_passage: int | None = field(
+        default=None, metadata={"help": "Cap questions per passage."}
+    )
+
+
+@dataclass
+class GenerateConfig:
+    """How the generator samples self-edits."""
+
+    generator_backend: str = field(
+        default="auto", metadata={"help": "auto | hf | vllm. auto picks vLLM when installed, else HF."}
+    )
+    template: str = field(
+        default="implications", metadata={"help": f"Self-edit prompt: {', '.join(TEMPLATES)}."}
+    )
+    custom_template: str | None = field(
+        default=None, metadata={"help": "Prompt text with {title} and {context}, used when template=custom."}
+    )
+    custom_parser: str = field(
+        default="lines",
+        metadata={"help": f"How a custom template's completion is split: {', '.join(PARSERS)}."},
+    )
+    use_chat_template: bool = field(
+        default=True, metadata={"help": "Wrap prompts in the tokenizer's chat template (instruct models)."}
+    )
+    num_self_edits: int = field(default=5, metadata={"help": "Self-edits sampled per passage."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling p."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Max tokens per self-edit."})
+    generation_batch_size: int = field(
+        default=32, metadata={"help": "Sequences per generate call (HF backend)."}
+    )
+    split_items: bool = field(
+        default=True, metadata={"help": "Train on each parsed item separately (else the whole completion)."}
+    )
+    title_prefix: bool = field(
+        default=True, metadata={"help": "Prefix each training sequence with the title."}
+    )
+    include_passage: bool = field(
+        default=True,
+        metadata={"help": "Also train on the passage itself (the paper's 'passage + self-edit')."},
+    )
+
+
+@dataclass
+class TTTConfig:
+    """Applying a self-edit: a fresh LoRA fine-tune of the base model on its training sequences."""
+
+    ttt_lora_r: int = field(default=32, metadata={"help": "LoRA rank."})
+    ttt_lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha."})
+    ttt_lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    ttt_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "Modules that get LoRA."},
+    )
+    ttt_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
+    ttt_epochs: int = field(default=10, metadata={"help": "Passes over the self-edit's sequences."})
+    ttt_batch_size: int = field(default=8, metadata={"help": "Sequences per optimizer step."})
+    ttt_max_length: int = field(
+        default=256, metadata={"help": "Truncate training sequences to this many tokens."}
+    )
+    ttt_loss: str = field(
+        default="all",
+        metadata={
+            "help": "all: loss on every token; completion: only on the completion part (e.g. QA answers)."
+        },
+    )
+    ttt_autocast: str = field(
+        default="auto",
+        metadata={
+            "help": "auto | bfloat16 | none. auto: bf16 autocast on CUDA and on CPUs with AMX/AVX512-BF16."
+        },
+    )
+
+
+@dataclass
+class RewardConfig:
+    """Scoring an adapted model: it answers the passage's questions without the passage."""
+
+    reward_grader: str = field(default="contains", metadata={"help": "exact_match | f1 | contains | judge."})
+    judge_model: str | None = field(
+        default=None, metadata={"help": "Local judge model (path/Hub id); default: the base model itself."}
+    )
+    judge_url: str | None = field(
+        default=None,
+        metadata={"help": "OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1) for the judge."},
+    )
+    judge_api_key_env: str = field(
+        default="OPENAI_API_KEY", metadata={"help": "Env var holding the judge's key."}
+    )
+    reward_subtract_baseline: bool = field(
+        default=True, metadata={"help": "Reward = adapted accuracy minus the base model's on that passage."}
+    )
+    reward_repeats: int = field(
+        default=1, metadata={"help": "TTT repeats (different seeds) averaged per self-edit."}
+    )
+    answer_max_new_tokens: int = field(default=32, metadata={"help": "Max tokens of an answer (greedy)."})
+    answer_batch_size: int = field(default=32, metadata={"help": "Questions per generate call."})
+
+
+@dataclass
+class FilterConfig:
+    """Which self-edits the update trains on."""
+
+    filter_strategy: str = field(
+        default="top_k",
+        metadata={"help": "top_k: best k per passage; threshold: reward >= t; gain: adapted - base > g."},
+    )
+    filter_top_k: int = field(default=1, metadata={"help": "k for top_k."})
+    filter_threshold: float = field(default=0.0, metadata={"help": "t for threshold."})
+    filter_min_gain: float = field(default=0.0, metadata={"help": "g for gain."})
+    filter_min_reward: float | None = field(
+        default=None, metadata={"help": "top_k keeps only rewards strictly above this (None: no bound)."}
+    )
+
+
+@dataclass
+class LoopConfig:
+    """The outer ReST-EM loop and its run directory (SFTConfig.output_dir)."""
+
+    num_rounds: int = field(default=1, metadata={"help": "ReST-EM rounds."})
+    update_merge: bool = field(
+        default=False,
+        metadata={"help": "Merge the generator's update LoRA into full weights (else keep adapter)."},
+    )
+    model_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where embedded models are converted to (default ~/.cache/seal)."}
+    )
+    resume: bool = field(default=True, metadata={"help": "Continue from the run directory's journal."})

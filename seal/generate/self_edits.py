@@ -1,0 +1,74 @@
+"""The generate stage: sample self-edits for passages and parse each into TTT training examples."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from seal.config import GenerateConfig
+from seal.data import Passage
+from seal.generate.base import Generator, Sampling
+from seal.templates import TrainExample, build_prompt, get_template, render_chat, training_examples
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SelfEdit:
+    """One sampled self-edit. `status` is ok, empty (no text) or unparseable (text, but no items)."""
+
+    passage_id: str
+    index: int
+    prompt: str
+    completion: str
+    examples: list[TrainExample] = field(default_factory=list)
+    status: str = "ok"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["examples"] = [{"prompt": e.prompt, "completion": e.completion} for e in self.examples]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SelfEdit:
+        examples = [TrainExample(e["prompt"], e["completion"]) for e in d.get("examples", [])]
+        return cls(d["passage_id"], d["index"], d["prompt"], d["completion"], examples, d.get("status", "ok"))
+
+
+def make_self_edits(passage: Passage, completions: Sequence[str], cfg: GenerateConfig) -> list[SelfEdit]:
+    """Parse completions (sampled, or read from a file) for one passage; never raises on bad text."""
+    template = get_template(cfg)
+    prompt = build_prompt(template, passage)
+    edits = []
+    for i, completion in enumerate(completions):
+        examples = training_examples(completion, passage, template, cfg)
+        status = "ok" if examples else ("empty" if not completion.strip() else "unparseable")
+        if status != "ok":
+            logger.warning("self-edit %d of passage %s is %s; its reward will be 0", i, passage.id, status)
+        edits.append(SelfEdit(passage.id, i, prompt, completion, examples, status))
+    return edits
+
+
+def generate_self_edits(
+    generator: Generator,
+    tokenizer: PreTrainedTokenizerBase,
+    passages: Sequence[Passage],
+    cfg: GenerateConfig,
+    seed: int,
+    adapter: str | None = None,
+) -> list[list[SelfEdit]]:
+    """Sample `cfg.num_self_edits` self-edits per passage (one batched call) and parse them."""
+    template = get_template(cfg)
+    prompts = [render_chat(tokenizer, build_prompt(template, p), cfg.use_chat_template) for p in passages]
+    sampling = Sampling(
+        n=cfg.num_self_edits,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        seed=seed,
+    )
+    completions = generator.generate(prompts, sampling, adapter=adapter)
+    return [make_self_edits(p, c, cfg) for p, c in zip(passages, completions, strict=True)]

@@ -1,0 +1,345 @@
+"""The SEAL loop for knowledge incorporation: generate -> apply (TTT) -> reward -> filter -> update.
+
+One round:
+  1. generate: the generator samples `num_self_edits` self-edits per passage.
+  2. apply:    each self-edit trains a fresh LoRA on the base model (test-time training).
+  3. reward:   the adapted model answers the passage's questions without the passage; graded.
+  4. filter:   the best self-edits are kept.
+  5. update:   the generator is fine-tuned on the kept (prompt, self-edit) pairs with TRL's SFTTrainer.
+The next round samples from the updated generator (ReST-EM). Every finished evaluation goes to a journal,
+and every stage's output to the run directory, so rerunning the same command resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+from trl import ModelConfig, SFTConfig
+
+from seal.config import DataConfig, FilterConfig, GenerateConfig, LoopConfig, RewardConfig, TTTConfig
+from seal.data import Passage, load_passages
+from seal.filter import STRATEGIES, select
+from seal.generate import HFGenerator, SelfEdit, generate_self_edits
+from seal.graders import GRADER_NAMES
+from seal.journal import Journal
+from seal.models import load_model, load_tokenizer, resolve_model_path
+from seal.reward import Rewarder, build_grader, reward
+from seal.templates import get_template
+from seal.ttt import TTT, wrap_for_adapters
+from seal.update import finished_update, update_generator
+from seal.utils import read_jsonl, task_seed, write_json, write_jsonl
+
+logger = logging.getLogger("seal")
+
+
+@dataclass
+class SealArgs:
+    """Everything a run needs: TRL's model and SFT configs plus one dataclass per loop concern."""
+
+    model: ModelConfig
+    data: DataConfig
+    generate: GenerateConfig
+    ttt: TTTConfig
+    reward: RewardConfig
+    filter: FilterConfig
+    loop: LoopConfig
+    sft: SFTConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            d = value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
+            out[f.name] = {k: v for k, v in d.items() if "token" not in k}  # never snapshot secrets
+        return out
+
+
+def check_args(args: SealArgs) -> None:
+    """Refuse an inconsistent recipe before loading anything."""
+    get_template(args.generate)
+    if args.generate.generator_backend not in ("auto", "hf", "vllm"):
+        raise ValueError(
+            f"generator_backend must be auto, hf or vllm, got '{args.generate.generator_backend}'"
+        )
+    if args.generate.generator_backend == "vllm":
+        raise NotImplementedError(
+            "The vLLM generator backend is not available yet; use generator_backend: hf"
+        )
+    if args.reward.reward_grader not in GRADER_NAMES:
+        raise ValueError(f"reward_grader must be one of {GRADER_NAMES}, got '{args.reward.reward_grader}'")
+    if args.filter.filter_strategy not in STRATEGIES:
+        raise ValueError(f"filter_strategy must be one of {STRATEGIES}, got '{args.filter.filter_strategy}'")
+    for name in ("num_self_edits", "reward_repeats", "num_rounds", "ttt_epochs", "ttt_batch_size"):
+        value = next(
+            getattr(c, name) for c in (args.generate, args.reward, args.loop, args.ttt) if hasattr(c, name)
+        )
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def setup_run_dir(args: SealArgs) -> Path:
+    """Create the run directory, snapshot the recipe, and refuse to resume a run made with another recipe."""
+    run_dir = Path(args.sft.output_dir)
+    snapshot = args.to_dict()
+    for volatile in ("resume",):
+        snapshot["loop"].pop(volatile, None)
+    config_path = run_dir / "config.yaml"
+    if config_path.exists():
+        if not args.loop.resume:
+            logger.info("resume=false: discarding the previous run in %s", run_dir)
+            for stale in [run_dir / "journal.jsonl", *run_dir.glob("round_*")]:
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        else:
+            previous = yaml.safe_load(config_path.read_text())
+            changed = sorted(
+                f"{section}.{k}"
+                for section, values in snapshot.items()
+                for k, v in values.items()
+                if previous.get(section, {}).get(k, v) != v and k not in ("logging_dir", "run_name")
+            )
+            if changed:
+                raise ValueError(
+                    f"{run_dir} holds a run made with a different recipe (changed: {', '.join(changed)}). "
+                    "Use another output_dir, or --resume false to start over."
+                )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.safe_dump(snapshot, sort_keys=False))
+    return run_dir
+
+
+def setup_logging(run_dir: Path) -> None:
+    logger.setLevel(logging.INFO)
+    if not any(
+        isinstance(h, logging.FileHandler) and h.baseFilename == str(run_dir / "log.txt")
+        for h in logger.handlers
+    ):
+        handler = logging.FileHandler(run_dir / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    if not any(type(h) is logging.StreamHandler for h in logger.handlers):
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter("[seal] %(message)s"))
+        logger.addHandler(stream)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append(
+            "| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |"
+        )
+    return "\n".join(lines)
+
+
+def run(
+    args: SealArgs, on_evaluation: Callable[[dict[str, Any]], None] | None = None
+) -> list[dict[str, Any]]:
+    """Run `num_rounds` ReST-EM rounds; return one summary dict per round."""
+    from accelerate import PartialState
+
+    if PartialState().num_processes > 1:
+        raise NotImplementedError("Sharding the loop across processes is not implemented yet; run 1 process.")
+    check_args(args)
+    seed = args.sft.seed
+    passages: list[Passage] = load_passages(  # validated before any model is loaded
+        args.data.dataset_name,
+        split=args.data.dataset_split,
+        config=args.data.dataset_config,
+        limit=args.data.num_passages,
+        max_questions=args.data.max_questions_per_passage,
+    )
+    run_dir = setup_run_dir(args)
+    setup_logging(run_dir)
+    logger.info("run dir %s: %d passages, %d rounds", run_dir, len(passages), args.loop.num_rounds)
+
+    # One base model for the whole run: TTT adapters come and go on it; the generator is it (+ an adapter).
+    base_path = resolve_model_path(args.model.model_name_or_path, args.loop.model_cache_dir)
+    tokenizer = load_tokenizer(base_path, revision=args.model.model_revision)
+    model = wrap_for_adapters(
+        load_model(base_path, args.model.dtype, args.model.model_revision, args.model.attn_implementation),
+        args.ttt,
+    )
+    hf = HFGenerator(model, tokenizer, args.generate.generation_batch_size, args.ttt.ttt_autocast)
+    judge = hf
+    if args.reward.reward_grader == "judge" and args.reward.judge_model and not args.reward.judge_url:
+        judge_path = resolve_model_path(args.reward.judge_model, args.loop.model_cache_dir)
+        judge = HFGenerator(load_model(judge_path), load_tokenizer(judge_path), args.reward.answer_batch_size)
+    grader = build_grader(args.reward, judge, tokenizer)
+    rewarder = Rewarder(hf, tokenizer, grader, args.reward, args.generate.use_chat_template)
+    ttt = TTT(model, tokenizer, args.ttt)
+    journal = Journal(run_dir / "journal.jsonl")
+    by_id = {p.id: p for p in passages}
+
+    # Baseline: the base model answers every passage's questions without the passage (once per run).
+    if journal.get("baseline") is None:
+        scores = rewarder.score(passages, adapter=None)
+        journal.append(("baseline",), scores={s.passage_id: s.to_dict() for s in scores})
+    baseline = {pid: s["accuracy"] for pid, s in journal.get("baseline")["scores"].items()}
+
+    generator, adapter = hf, None  # round 0 samples from the base model itself
+    summaries = []
+    for r in range(args.loop.num_rounds):
+        round_dir, t0 = run_dir / f"round_{r}", time.time()
+
+        # 1. generate: k self-edits per passage (saved whole, so a rerun reuses them).
+        gen_path = round_dir / "generations.jsonl"
+        if gen_path.exists():
+            edits = [SelfEdit.from_dict(d) for d in read_jsonl(gen_path)]
+        else:
+            logger.info(
+                "round %d: sampling %d self-edits for %d passages",
+                r,
+                args.generate.num_self_edits,
+                len(passages),
+            )
+            nested = generate_self_edits(
+                generator, tokenizer, passages, args.generate, task_seed(seed, "gen", r), adapter
+            )
+            edits = [e for per_passage in nested for e in per_passage]
+            write_jsonl(gen_path, [e.to_dict() for e in edits])
+        t_gen = time.time() - t0
+
+        # 2-3. apply each self-edit with a fresh LoRA, then reward the adapted model (journaled one by one).
+        tasks = [(e, rep) for e in edits for rep in range(args.reward.reward_repeats)]
+        for edit, rep in tqdm(tasks, desc=f"round {r}: TTT + reward", unit="eval"):
+            key = ("eval", r, edit.passage_id, edit.index, rep)
+            if journal.get(*key) is not None:
+                continue
+            passage = by_id[edit.passage_id]
+            if edit.status != "ok":  # empty/unparseable: reward 0, logged at parse time, never trained
+                record = journal.append(
+                    key, status=edit.status, losses=[], accuracy=0.0, answers=[], scores=[]
+                )
+            else:
+                ttt_seed = task_seed(seed, "ttt", r, edit.passage_id, edit.index, rep)
+                losses = ttt.apply(edit.examples, ttt_seed)
+                score = rewarder.score([passage], adapter="ttt")[0]
+                record = journal.append(key, status="ok", seed=ttt_seed, losses=losses, **score.to_dict())
+                logger.info(
+                    "round %d passage %s self-edit %d repeat %d: accuracy %.2f (base %.2f), final loss %.3f",
+                    r,
+                    edit.passage_id,
+                    edit.index,
+                    rep,
+                    score.accuracy,
+                    baseline[edit.passage_id],
+                    losses[-1],
+                )
+            if on_evaluation is not None:
+                on_evaluation(record)
+        t_eval = time.time() - t0 - t_gen
+
+        # Rewards per self-edit, averaged over TTT repeats.
+        rows = []
+        for edit in edits:
+            evals = [
+                journal.get("eval", r, edit.passage_id, edit.index, rep)
+                for rep in range(args.reward.reward_repeats)
+            ]
+            accs = [e["accuracy"] for e in evals]
+            base_acc = baseline[edit.passage_id]
+            rows.append(
+                {
+                    **edit.to_dict(),
+                    "adapted_accuracy": sum(accs) / len(accs),
+                    "base_accuracy": base_acc,
+                    "reward": reward(accs, base_acc, args.reward) if edit.status == "ok" else 0.0,
+                    "answers": [e["answers"] for e in evals],
+                    "final_loss": [e["losses"][-1] if e["losses"] else None for e in evals],
+                }
+            )
+
+        # 4. filter: keep the best self-edits.
+        kept = select(rows, args.filter)
+        kept_ids = {(k["passage_id"], k["index"]) for k in kept}
+        for row in rows:
+            row["kept"] = (row["passage_id"], row["index"]) in kept_ids
+        write_jsonl(round_dir / "self_edits.jsonl", rows)
+        write_jsonl(round_dir / "kept.jsonl", kept)
+
+        # 5. update: SFT the generator on the kept (prompt, self-edit) pairs; the next round samples from it.
+        update = finished_update(round_dir / "update")
+        if update is None and kept:
+            update = update_generator(
+                base_path,
+                kept,
+                args.model,
+                args.sft,
+                round_dir / "update",
+                args.loop.update_merge,
+                args.generate.use_chat_template,
+            )
+        elif not kept:
+            logger.warning("round %d: no self-edit passed the filter; the generator is not updated", r)
+        if update is not None and r + 1 < args.loop.num_rounds:
+            generator, adapter = load_generator(update, hf, r, args)
+
+        summary = round_summary(r, passages, rows, kept, update, t_gen, t_eval, time.time() - t0)
+        write_json(round_dir / "summary.json", summary)
+        (round_dir / "summary.md").write_text(markdown_table([summary]) + "\n")
+        summaries.append(summary)
+        logger.info("round %d done in %.1f min", r, summary["minutes"])
+
+    table = markdown_table(summaries)
+    (run_dir / "summary.md").write_text(table + "\n")
+    write_json(run_dir / "summary.json", summaries)
+    print(table, flush=True)
+    return summaries
+
+
+def load_generator(
+    update: dict[str, Any], hf: HFGenerator, r: int, args: SealArgs
+) -> tuple[HFGenerator, str | None]:
+    """The updated generator: an adapter beside the TTT one on the shared base, or separate full weights."""
+    if update["kind"] == "adapter":
+        name = f"generator-r{r}"  # a fresh name per version: no stale cached state can be reused
+        if name not in hf.model.peft_config:
+            hf.model.load_adapter(update["path"], adapter_name=name)
+        return hf, name
+    model = load_model(update["path"], args.model.dtype)
+    return HFGenerator(
+        model, load_tokenizer(update["path"]), args.generate.generation_batch_size, args.ttt.ttt_autocast
+    ), None
+
+
+def round_summary(
+    r: int,
+    passages: list[Passage],
+    rows: list[dict[str, Any]],
+    kept: list[dict[str, Any]],
+    update: dict[str, Any] | None,
+    t_gen: float,
+    t_eval: float,
+    total: float,
+) -> dict[str, Any]:
+    ok = [row for row in rows if row["status"] == "ok"]
+    best: dict[str, float] = {}
+    for row in rows:
+        best[row["passage_id"]] = max(best.get(row["passage_id"], 0.0), row["adapted_accuracy"])
+    base = {row["passage_id"]: row["base_accuracy"] for row in rows}
+    return {
+        "round": r,
+        "passages": len(passages),
+        "self_edits": len(rows),
+        "parsed": len(ok),
+        "base_acc": sum(base.values()) / len(base),
+        "mean_adapted_acc": sum(row["adapted_accuracy"] for row in rows) / len(rows),
+        "best_of_k_acc": sum(best.values()) / len(best),
+        "mean_reward": sum(row["reward"] for row in rows) / len(rows),
+        "kept": len(kept),
+        "update_loss": update["train_loss"] if update else None,
+        "gen_s": round(t_gen, 1),
+        "ttt_eval_s": round(t_eval, 1),
+        "minutes": round(total / 60, 2),
+    }

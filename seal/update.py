@@ -1,0 +1,116 @@
+"""The update stage (ReST-EM's M-step): supervised fine-tuning of the generator on its kept self-edits.
+
+This is one ordinary `trl.SFTTrainer` run on (prompt, self-edit) pairs. As in ReST-EM, every round trains
+from the base model, not from the previous round's generator, which limits drift and overfitting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
+
+from seal.models import load_model, load_tokenizer
+from seal.utils import write_json
+
+logger = logging.getLogger(__name__)
+
+DONE = "seal_update.json"
+
+
+def sft_dataset(
+    kept: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, use_chat_template: bool
+) -> Dataset:
+    """Prompt-completion rows: conversational for chat models, plain text otherwise (TRL's two formats)."""
+    if use_chat_template and tokenizer.chat_template is not None:
+        rows = [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "completion": [{"role": "assistant", "content": r["completion"].strip()}],
+            }
+            for r in kept
+        ]
+    else:
+        rows = [{"prompt": r["prompt"] + "\n", "completion": r["completion"].strip()} for r in kept]
+    return Dataset.from_list(rows)
+
+
+def update_lora_config(model_args: ModelConfig):
+    """TRL's LoRA config from ModelConfig, keeping a one-module list a list.
+
+    `ModelConfig` turns `lora_target_modules: [q_proj]` into the string "q_proj", which PEFT reads as a regex
+    that must match the full module path (so it matches nothing); `all-linear` and real regexes pass through.
+    """
+    config = get_peft_config(model_args)
+    if config is not None and isinstance(config.target_modules, str) and config.target_modules.isidentifier():
+        config.target_modules = {config.target_modules}
+    return config
+
+
+def finished_update(out_dir: str | Path) -> dict[str, Any] | None:
+    """The record of a completed update in `out_dir`, or None if it did not finish."""
+    marker = Path(out_dir) / DONE
+    if not marker.is_file():
+        return None
+    import json
+
+    return json.loads(marker.read_text())
+
+
+def update_generator(
+    base_path: str,
+    kept: Sequence[dict[str, Any]],
+    model_args: ModelConfig,
+    sft_args: SFTConfig,
+    out_dir: str | Path,
+    merge: bool = False,
+    use_chat_template: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune a fresh copy of the base on `kept`; return {"kind": "adapter"|"model", "path", "train_loss"}.
+
+    With `model_args.use_peft` the result is a PEFT adapter (or, with `merge`, full merged weights);
+    without it, full fine-tuned weights. A marker file is written last, so a crash mid-update reruns it.
+    """
+    out_dir = Path(out_dir)
+    tokenizer = load_tokenizer(base_path)
+    tokenizer.padding_side = "right"
+    model = load_model(base_path, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation)
+    args = dataclasses.replace(sft_args, output_dir=str(out_dir / "trainer"))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=sft_dataset(kept, tokenizer, use_chat_template),
+        processing_class=tokenizer,
+        peft_config=update_lora_config(model_args),
+    )
+    result = trainer.train()
+    weights = out_dir / "generator"
+    trained = trainer.model
+    kind = "adapter" if model_args.use_peft and not merge else "model"
+    if model_args.use_peft and merge:
+        trained = trained.merge_and_unload()
+    trained.save_pretrained(weights, safe_serialization=True)
+    if kind == "model":
+        tokenizer.padding_side = "left"
+        tokenizer.save_pretrained(weights)
+    record = {
+        "kind": kind,
+        "path": str(weights),
+        "train_loss": result.training_loss,
+        "num_examples": len(kept),
+    }
+    write_json(out_dir / DONE, record)
+    logger.info(
+        "update: %s trained on %d self-edits (loss %.4f) -> %s",
+        kind,
+        len(kept),
+        result.training_loss,
+        weights,
+    )
+    return record

@@ -1,0 +1,58 @@
+"""Shared fixtures: the embedded tokenizer and tiny random Llama models built from a config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from seal.models import load_tokenizer, resolve_model_path
+
+
+@pytest.fixture(scope="session")
+def embedded_path() -> str:
+    """The embedded SmolLM2 converted once (cached under ~/.cache/seal, or $SEAL_CACHE)."""
+    return resolve_model_path("embedded:smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_path):
+    return load_tokenizer(embedded_path)
+
+
+def build_tiny_model(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,  # larger embeddings, so a LoRA on a tiny model can move the loss visibly
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    return build_tiny_model(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory, tokenizer) -> str:
+    """A tiny random model saved like any checkpoint (safetensors + tokenizer), for path-based loading."""
+    path = Path(tmp_path_factory.mktemp("tiny-llama"))
+    build_tiny_model(tokenizer).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -1,0 +1,144 @@
+import json
+
+import pytest
+from peft import PeftModel
+from trl import ModelConfig, SFTConfig
+
+from seal import loop as loop_module
+from seal.config import DataConfig, FilterConfig, GenerateConfig, LoopConfig, RewardConfig, TTTConfig
+from seal.data import DataValidationError
+from seal.loop import SealArgs, run
+from seal.ttt import TTT
+from seal.utils import read_jsonl
+from tests.conftest import build_tiny_model
+
+
+def tiny_args(model_path, out_dir, **overrides) -> SealArgs:
+    args = SealArgs(
+        model=ModelConfig(
+            model_name_or_path=model_path,
+            use_peft=True,
+            lora_r=4,
+            lora_alpha=8,
+            lora_target_modules=["q_proj", "v_proj"],
+        ),
+        data=DataConfig(
+            dataset_name="sample", dataset_split="eval", num_passages=2, max_questions_per_passage=2
+        ),
+        generate=GenerateConfig(num_self_edits=2, max_new_tokens=12, temperature=1.0),
+        ttt=TTTConfig(ttt_lora_r=4, ttt_lora_alpha=8, ttt_epochs=2, ttt_batch_size=4, ttt_max_length=64),
+        reward=RewardConfig(answer_max_new_tokens=4),
+        filter=FilterConfig(filter_top_k=1),
+        loop=LoopConfig(num_rounds=2),
+        sft=SFTConfig(
+            output_dir=str(out_dir),
+            use_cpu=True,
+            bf16=False,
+            max_steps=2,
+            per_device_train_batch_size=2,
+            learning_rate=1e-3,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=1,
+            seed=11,
+        ),
+    )
+    for key, value in overrides.items():
+        section = next(
+            s
+            for s in ("model", "data", "generate", "ttt", "reward", "filter", "loop", "sft")
+            if hasattr(getattr(args, s), key)
+        )
+        setattr(getattr(args, section), key, value)
+    return args
+
+
+def results(out_dir, rounds=2):
+    return [read_jsonl(out_dir / f"round_{r}" / "self_edits.jsonl") for r in range(rounds)]
+
+
+def test_two_rounds_write_every_artefact(tiny_model_path, tmp_path, tokenizer):
+    out = tmp_path / "run"
+    summaries = run(tiny_args(tiny_model_path, out))
+    assert [s["round"] for s in summaries] == [0, 1] and all(s["self_edits"] == 4 for s in summaries)
+    for r in range(2):
+        rows = read_jsonl(out / f"round_{r}" / "self_edits.jsonl")
+        assert {
+            "prompt",
+            "completion",
+            "reward",
+            "adapted_accuracy",
+            "base_accuracy",
+            "kept",
+            "answers",
+        } <= set(rows[0])
+        kept = read_jsonl(out / f"round_{r}" / "kept.jsonl")
+        assert len(kept) == sum(row["kept"] for row in rows) == summaries[r]["kept"]
+        assert json.loads((out / f"round_{r}" / "summary.json").read_text())["round"] == r
+        assert "| round |" in (out / f"round_{r}" / "summary.md").read_text()
+    # round 0's update is a PEFT adapter that loads on the base; round 1 sampled from it
+    adapter = out / "round_0" / "update" / "generator"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    PeftModel.from_pretrained(build_tiny_model(tokenizer), str(adapter))
+    gen0 = read_jsonl(out / "round_0" / "generations.jsonl")
+    gen1 = read_jsonl(out / "round_1" / "generations.jsonl")
+    assert [g["completion"] for g in gen0] != [g["completion"] for g in gen1]
+    assert (out / "config.yaml").is_file() and (out / "log.txt").read_text()
+    assert "| round |" in (out / "summary.md").read_text()
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tiny_model_path, tmp_path, monkeypatch):
+    clean = tmp_path / "clean"
+    run(tiny_args(tiny_model_path, clean))
+
+    crashed, k = tmp_path / "crashed", 5  # 4 evaluations per round: the crash is in round 1, after its update
+
+    def crash_after_k(record, seen=[]):  # noqa: B006 - a counter shared by the calls of one run
+        seen.append(record)
+        if len(seen) == k:
+            raise KeyboardInterrupt("simulated crash")
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_args(tiny_model_path, crashed), on_evaluation=crash_after_k)
+    assert len(read_jsonl(crashed / "journal.jsonl")) == 1 + k  # baseline + k evaluations
+
+    calls = []
+    original = TTT.apply
+    monkeypatch.setattr(TTT, "apply", lambda self, ex, seed: calls.append(seed) or original(self, ex, seed))
+    run(tiny_args(tiny_model_path, crashed))
+    ok = sum(r["status"] == "ok" for rows in results(clean) for r in rows)
+    skipped_ok = sum(r["status"] == "ok" for r in read_jsonl(crashed / "journal.jsonl")[1 : 1 + k])
+    assert len(calls) == ok - skipped_ok  # the k finished evaluations were not redone
+    assert results(crashed) == results(clean)
+
+
+def test_bad_data_is_refused_before_any_model_loads(tiny_model_path, tmp_path, monkeypatch):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "x", "context": "c", "questions": [{"question": "q"}]}) + "\n")
+    monkeypatch.setattr(
+        loop_module, "load_model", lambda *a, **k: pytest.fail("model loaded before validation")
+    )
+    with pytest.raises(DataValidationError, match=r"bad.jsonl: record 0 \(id=x\): field 'questions\[0\]'"):
+        run(tiny_args(tiny_model_path, tmp_path / "run", dataset_name=str(bad)))
+
+
+def test_bad_recipe_is_refused(tiny_model_path, tmp_path):
+    for key, value, match in [
+        ("reward_grader", "bleu", "reward_grader"),
+        ("filter_strategy", "best", "filter_strategy"),
+        ("template", "poem", "Unknown template"),
+        ("num_self_edits", 0, "num_self_edits"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            run(tiny_args(tiny_model_path, tmp_path / "run", **{key: value}))
+
+
+def test_resume_refuses_a_changed_recipe_and_resume_false_starts_over(tiny_model_path, tmp_path):
+    out = tmp_path / "run"
+    run(tiny_args(tiny_model_path, out, num_rounds=1))
+    with pytest.raises(ValueError, match="ttt_epochs"):
+        run(tiny_args(tiny_model_path, out, num_rounds=1, ttt_epochs=3))
+    run(tiny_args(tiny_model_path, out, num_rounds=1, ttt_epochs=3, resume=False))
+    assert all(
+        r["key"][0] == "baseline" or len(r["losses"]) in (0, 3) for r in read_jsonl(out / "journal.jsonl")
+    )
