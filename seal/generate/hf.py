@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 
 import torch
@@ -30,6 +31,18 @@ class HFGenerator:
         self.batch_size = batch_size
         self.autocast_setting = autocast_setting
         self.progress = progress
+
+    def add_adapter(self, path: str, name: str | None = None) -> str:
+        """Load a PEFT adapter directory beside the others; returns its (fresh) name."""
+        if not isinstance(self.model, PeftModel):
+            raise ValueError("add_adapter needs a PeftModel (see seal.ttt.wrap_for_adapters)")
+        self._loaded = getattr(self, "_loaded", 0) + 1
+        name = f"{name or os.path.basename(os.path.normpath(path))}-{self._loaded}"
+        self.model.load_adapter(path, adapter_name=name)
+        return name
+
+    def remove_adapter(self, name: str) -> None:
+        self.model.delete_adapter(name)
 
     def _adapter_context(self, adapter: str | None) -> contextlib.AbstractContextManager:
         if not isinstance(self.model, PeftModel):
