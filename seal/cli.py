@@ -3,33 +3,23 @@
 from __future__ import annotations
 
 import sys
+import typing
 
-from trl import ModelConfig, SFTConfig, TrlParser
+from trl import TrlParser
 
-from seal.config import DataConfig, FilterConfig, GenerateConfig, LoopConfig, RewardConfig, TTTConfig
 from seal.loop import SealArgs, run
+from seal.models import DEFAULT_MODEL
 
-ARG_TYPES = (
-    ModelConfig,
-    DataConfig,
-    GenerateConfig,
-    TTTConfig,
-    RewardConfig,
-    FilterConfig,
-    LoopConfig,
-    SFTConfig,
-)
+# One dataclass per concern, in SealArgs' field order: TRL's ModelConfig and SFTConfig, and seal's own.
+ARG_TYPES = tuple(typing.get_type_hints(SealArgs).values())
 
 
 def parse_args(argv: list[str] | None = None) -> SealArgs:
     """Parse a YAML recipe (`--config`) with CLI overrides into `SealArgs`."""
-    parser = TrlParser(ARG_TYPES)
-    model, data, generate, ttt, reward, filter_, loop, sft = parser.parse_args_and_config(argv)
-    if model.model_name_or_path is None:
-        from seal.models import DEFAULT_MODEL
-
-        model.model_name_or_path = DEFAULT_MODEL
-    return SealArgs(model, data, generate, ttt, reward, filter_, loop, sft)
+    args = SealArgs(*TrlParser(ARG_TYPES).parse_args_and_config(argv))
+    if args.model.model_name_or_path is None:
+        args.model.model_name_or_path = DEFAULT_MODEL
+    return args
 
 
 def knowledge(argv: list[str] | None = None) -> None:

@@ -72,6 +72,34 @@ class GenerateConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The vLLM engine (offline `vllm.LLM`, or a running `vllm serve` with `vllm_server_url`)."""
+
+    vllm_dtype: str = field(
+        default="auto", metadata={"help": "Engine weights dtype (auto: the checkpoint's)."}
+    )
+    vllm_max_model_len: int = field(
+        default=2048, metadata={"help": "Longest prompt + completion, in tokens."}
+    )
+    vllm_max_loras: int = field(default=8, metadata={"help": "Adapters in one batch (max_loras)."})
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "GPU memory share for vLLM; the rest is left to TTT and the update."}
+    )
+    vllm_enable_sleep_mode: bool = field(
+        default=False,
+        metadata={
+            "help": "Put the engine to sleep (weights offloaded, KV cache freed) during the update (GPU)."
+        },
+    )
+    vllm_server_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "Use a running `vllm serve` (e.g. http://127.0.0.1:8000) instead of an in-process engine."
+        },
+    )
+
+
+@dataclass
 class TTTConfig:
     """Applying a self-edit: a fresh LoRA fine-tune of the base model on its training sequences."""
 

@@ -4,26 +4,22 @@ Three string metrics in the SQuAD tradition (:func:`exact_match`, :func:`token_f
 :func:`gold_contained`) and two LLM judges in the style of SEAL's knowledge-incorporation
 grader: :class:`LocalJudge` (calls a local model through a batched callable) and
 :class:`EndpointJudge` (any OpenAI-compatible ``/chat/completions`` endpoint, standard library
-only). Every grader exposes ``name`` and a batched ``grade(questions, predictions, answers)``
-returning one score in ``[0, 1]`` per item. Use :func:`make_grader` to build one by name.
+only, through :mod:`seal.http`). Every grader exposes ``name`` and a batched
+``grade(questions, predictions, answers)`` returning one score in ``[0, 1]`` per item. Use
+:func:`make_grader` to build one by name.
 """
 
 from __future__ import annotations
 
 import collections
-import http.client
-import ipaddress
 import json
-import os
 import re
 import string
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol, runtime_checkable
+
+from seal.http import EndpointError, JSONClient, redact_url
 
 __all__ = [
     "GRADER_NAMES",
@@ -181,7 +177,7 @@ class FunctionGrader:
 # --------------------------------------------------------------------------------------------
 
 
-class JudgeError(RuntimeError):
+class JudgeError(EndpointError):
     """An LLM judge could not produce a grade (transport failure, HTTP error, malformed reply)."""
 
 
@@ -261,30 +257,19 @@ class LocalJudge:
         return f"LocalJudge(complete={getattr(self.complete, '__name__', type(self.complete).__name__)})"
 
 
-def _is_loopback(host: str | None) -> bool:
-    """True for localhost / loopback IP hosts (those bypass any configured HTTP proxy)."""
-    if not host:
-        return False
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class EndpointJudge:
     """LLM judge on any OpenAI-compatible chat-completions endpoint.
 
-    Requests are sent concurrently (``max_workers`` threads). Connection errors, timeouts,
-    HTTP 429 and HTTP 5xx are retried up to ``max_retries`` extra times with exponential backoff
-    ``backoff * 2**attempt`` seconds (capped at ``max_backoff``); other HTTP errors and malformed
-    replies raise :class:`JudgeError` immediately. The API key is read from
+    Requests are sent concurrently (``max_workers`` threads) through a :class:`seal.http.JSONClient`:
+    connection errors, timeouts, HTTP 429 and HTTP 5xx are retried up to ``max_retries`` extra times with
+    exponential backoff ``backoff * 2**attempt`` seconds (capped at ``max_backoff``); other HTTP errors and
+    malformed replies raise :class:`JudgeError` immediately. The API key is read from
     ``os.environ[api_key_env]`` at request time, is never stored on the instance and is
     redacted from every error message.
     """
 
     name = "judge"
+    _PATH = "chat/completions"
 
     def __init__(
         self,
@@ -298,70 +283,45 @@ class EndpointJudge:
         max_backoff: float = 8.0,
     ) -> None:
         """Configure the endpoint (``base_url`` like ``"http://127.0.0.1:8000/v1"``) and retry policy."""
-        if not base_url or not isinstance(base_url, str):
-            raise ValueError("base_url must be a non-empty string such as 'http://127.0.0.1:8000/v1'")
-        parsed = urllib.parse.urlsplit(base_url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ValueError(f"base_url must be an http(s) URL, got {self._redact_url(base_url)!r}")
         if not model:
             raise ValueError("model must be a non-empty string")
-        if max_retries < 0:
-            raise ValueError("max_retries must be >= 0")
         if max_workers < 1:
             raise ValueError("max_workers must be >= 1")
-        if timeout <= 0:
-            raise ValueError("timeout must be > 0")
-        self.base_url = base_url.rstrip("/")
-        self.url = f"{self.base_url}/chat/completions"
+        self.client = JSONClient(
+            base_url,
+            api_key_env=api_key_env,
+            timeout=timeout,
+            max_retries=max_retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            error_cls=JudgeError,
+            label="judge request",
+        )
+        self.base_url = self.client.base_url
+        self.url = self.client.url(self._PATH)
         self.model = model
-        self.api_key_env = api_key_env
-        self.timeout = float(timeout)
-        self.max_retries = int(max_retries)
         self.max_workers = int(max_workers)
-        self.backoff = float(backoff)
-        self.max_backoff = float(max_backoff)
-        if _is_loopback(parsed.hostname):
-            self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        else:
-            self._opener = urllib.request.build_opener()
+
+    @property
+    def api_key_env(self) -> str | None:
+        return self.client.api_key_env
+
+    @property
+    def timeout(self) -> float:
+        return self.client.timeout
+
+    @property
+    def max_retries(self) -> int:
+        return self.client.max_retries
 
     def __repr__(self) -> str:
         return (
-            f"EndpointJudge(base_url={self._redact_url(self.base_url)!r}, model={self.model!r}, "
+            f"EndpointJudge(base_url={redact_url(self.base_url)!r}, model={self.model!r}, "
             f"api_key_env={self.api_key_env!r}, timeout={self.timeout}, max_retries={self.max_retries}, "
             f"max_workers={self.max_workers})"
         )
 
-    @staticmethod
-    def _redact_url(url: str) -> str:
-        """Drop any user:password part and the query string from a URL for display."""
-        try:
-            parts = urllib.parse.urlsplit(url)
-            netloc = parts.netloc.rsplit("@", 1)[-1]
-            return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-        except ValueError:
-            return "<url>"
-
-    def _api_key(self) -> str | None:
-        """Current API key from the environment, or ``None``."""
-        if not self.api_key_env:
-            return None
-        return os.environ.get(self.api_key_env) or None
-
-    @staticmethod
-    def _scrub(text: str, api_key: str | None) -> str:
-        """Remove the API key from ``text`` (e.g. a server echoing request headers)."""
-        if api_key:
-            text = text.replace(api_key, "***")
-        return text
-
-    def _sleep_before_retry(self, attempt: int) -> None:
-        """Exponential backoff before retry number ``attempt + 1``."""
-        delay = min(self.max_backoff, self.backoff * (2**attempt))
-        if delay > 0:
-            time.sleep(delay)
-
-    def _request(self, prompt: str, api_key: str | None) -> str:
+    def _request(self, prompt: str) -> str:
         """Send one chat-completion request (with retries) and return the reply text."""
         payload: dict[str, Any] = {
             "model": self.model,
@@ -369,54 +329,13 @@ class EndpointJudge:
             "temperature": 0,
             "max_tokens": 4,
         }
-        data = json.dumps(payload).encode("utf-8")
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        shown_url = self._redact_url(self.url)
-
-        last_error = "no attempt made"
-        for attempt in range(self.max_retries + 1):
-            request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-            try:
-                with self._opener.open(request, timeout=self.timeout) as response:
-                    status = response.status
-                    body = response.read().decode("utf-8", errors="replace")
-            except urllib.error.HTTPError as exc:
-                try:
-                    err_body = exc.read().decode("utf-8", errors="replace")
-                except (OSError, http.client.HTTPException):
-                    err_body = ""
-                snippet = self._scrub(err_body[:300], api_key)
-                last_error = f"HTTP {exc.code} from {shown_url}: {snippet!r}"
-                if (exc.code == 429 or exc.code >= 500) and attempt < self.max_retries:
-                    self._sleep_before_retry(attempt)
-                    continue
-                tries = attempt + 1
-                raise JudgeError(f"judge request failed after {tries} attempt(s): {last_error}") from None
-            except (OSError, http.client.HTTPException) as exc:  # URLError, refused, reset, timeout
-                reason = getattr(exc, "reason", exc)
-                last_error = f"connection error to {shown_url}: {self._scrub(str(reason), api_key)}"
-                if attempt < self.max_retries:
-                    self._sleep_before_retry(attempt)
-                    continue
-                tries = attempt + 1
-                raise JudgeError(f"judge request failed after {tries} attempt(s): {last_error}") from None
-            return self._parse_body(body, status, shown_url, api_key)
-        raise JudgeError(f"judge request failed: {last_error}")  # pragma: no cover - loop always returns
-
-    def _parse_body(self, body: str, status: int, shown_url: str, api_key: str | None) -> str:
-        """Extract ``choices[0].message.content`` or raise :class:`JudgeError`."""
+        status, body = self.client.request("POST", self._PATH, payload)
         try:
             content = json.loads(body)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             content = None
         if not isinstance(content, str):
-            snippet = self._scrub(body[:300], api_key)
-            raise JudgeError(
-                f"malformed response from {shown_url} (HTTP {status}): "
-                f"no choices[0].message.content in {snippet!r}"
-            )
+            raise self.client.malformed(self._PATH, status, "no choices[0].message.content", body)
         return content
 
     def complete(self, prompts: Sequence[str]) -> list[str]:
@@ -424,11 +343,10 @@ class EndpointJudge:
         prompts = list(prompts)
         if not prompts:
             return []
-        api_key = self._api_key()
         workers = min(self.max_workers, len(prompts))
         executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="seal-judge")
         try:
-            futures: list[Future[str]] = [executor.submit(self._request, p, api_key) for p in prompts]
+            futures: list[Future[str]] = [executor.submit(self._request, p) for p in prompts]
             return [f.result() for f in futures]
         finally:
             executor.shutdown(wait=True, cancel_futures=True)

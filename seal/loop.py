@@ -12,12 +12,13 @@ and every stage's output to the run directory, so rerunning the same command res
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,18 @@ import yaml
 from tqdm.auto import tqdm
 from trl import ModelConfig, SFTConfig
 
-from seal.config import DataConfig, FilterConfig, GenerateConfig, LoopConfig, RewardConfig, TTTConfig
+from seal.config import (
+    DataConfig,
+    FilterConfig,
+    GenerateConfig,
+    LoopConfig,
+    RewardConfig,
+    TTTConfig,
+    VLLMConfig,
+)
 from seal.data import Passage, load_passages
 from seal.filter import STRATEGIES, select
-from seal.generate import HFGenerator, SelfEdit, generate_self_edits
+from seal.generate import HFGenerator, SelfEdit, generate_self_edits, select_backend
 from seal.graders import GRADER_NAMES
 from seal.journal import Journal
 from seal.models import load_model, load_tokenizer, resolve_model_path
@@ -54,6 +63,7 @@ class SealArgs:
     filter: FilterConfig
     loop: LoopConfig
     sft: SFTConfig
+    vllm: VLLMConfig = dataclasses.field(default_factory=VLLMConfig)
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
@@ -67,14 +77,7 @@ class SealArgs:
 def check_args(args: SealArgs) -> None:
     """Refuse an inconsistent recipe before loading anything."""
     get_template(args.generate)
-    if args.generate.generator_backend not in ("auto", "hf", "vllm"):
-        raise ValueError(
-            f"generator_backend must be auto, hf or vllm, got '{args.generate.generator_backend}'"
-        )
-    if args.generate.generator_backend == "vllm":
-        raise NotImplementedError(
-            "The vLLM generator backend is not available yet; use generator_backend: hf"
-        )
+    select_backend(args.generate.generator_backend)
     if args.reward.reward_grader not in GRADER_NAMES:
         raise ValueError(f"reward_grader must be one of {GRADER_NAMES}, got '{args.reward.reward_grader}'")
     if args.filter.filter_strategy not in STRATEGIES:
@@ -171,12 +174,18 @@ def run(
         args.ttt,
     )
     hf = HFGenerator(model, tokenizer, args.generate.generation_batch_size, args.ttt.ttt_autocast)
-    judge = hf
+    # The engine samples self-edits and answers questions: vLLM (adapters through LoRARequest) or HF itself.
+    engine = (
+        hf
+        if select_backend(args.generate.generator_backend) == "hf"
+        else vllm_engine(args, base_path, tokenizer)
+    )
+    judge = engine
     if args.reward.reward_grader == "judge" and args.reward.judge_model and not args.reward.judge_url:
         judge_path = resolve_model_path(args.reward.judge_model, args.loop.model_cache_dir)
         judge = HFGenerator(load_model(judge_path), load_tokenizer(judge_path), args.reward.answer_batch_size)
     grader = build_grader(args.reward, judge, tokenizer)
-    rewarder = Rewarder(hf, tokenizer, grader, args.reward, args.generate.use_chat_template)
+    rewarder = Rewarder(engine, tokenizer, grader, args.reward, args.generate.use_chat_template)
     ttt = TTT(model, tokenizer, args.ttt)
     journal = Journal(run_dir / "journal.jsonl")
     by_id = {p.id: p for p in passages}
@@ -187,7 +196,7 @@ def run(
         journal.append(("baseline",), scores={s.passage_id: s.to_dict() for s in scores})
     baseline = {pid: s["accuracy"] for pid, s in journal.get("baseline")["scores"].items()}
 
-    generator, adapter = hf, None  # round 0 samples from the base model itself
+    generator, adapter = engine, None  # round 0 samples from the base model itself
     summaries = []
     for r in range(args.loop.num_rounds):
         round_dir, t0 = run_dir / f"round_{r}", time.time()
@@ -224,7 +233,10 @@ def run(
             else:
                 ttt_seed = task_seed(seed, "ttt", r, edit.passage_id, edit.index, rep)
                 losses = ttt.apply(edit.examples, ttt_seed)
-                score = rewarder.score([passage], adapter="ttt")[0]
+                with ttt_adapter(
+                    engine, ttt, round_dir / "adapters" / f"{edit.passage_id}-{edit.index}-{rep}"
+                ) as name:
+                    score = rewarder.score([passage], adapter=name)[0]
                 record = journal.append(key, status="ok", seed=ttt_seed, losses=losses, **score.to_dict())
                 logger.info(
                     "round %d passage %s self-edit %d repeat %d: accuracy %.2f (base %.2f), final loss %.3f",
@@ -271,6 +283,7 @@ def run(
         # 5. update: SFT the generator on the kept (prompt, self-edit) pairs; the next round samples from it.
         update = finished_update(round_dir / "update")
         if update is None and kept:
+            sleeping(engine, True)  # free accelerator memory for training when vLLM shares the GPU
             update = update_generator(
                 base_path,
                 kept,
@@ -280,10 +293,11 @@ def run(
                 args.loop.update_merge,
                 args.generate.use_chat_template,
             )
+            sleeping(engine, False)
         elif not kept:
             logger.warning("round %d: no self-edit passed the filter; the generator is not updated", r)
         if update is not None and r + 1 < args.loop.num_rounds:
-            generator, adapter = load_generator(update, hf, r, args)
+            generator, adapter = load_generator(update, engine, r, args, tokenizer)
 
         summary = round_summary(r, passages, rows, kept, update, t_gen, t_eval, time.time() - t0)
         write_json(round_dir / "summary.json", summary)
@@ -291,6 +305,8 @@ def run(
         summaries.append(summary)
         logger.info("round %d done in %.1f min", r, summary["minutes"])
 
+    if hasattr(engine, "close"):
+        engine.close()
     table = markdown_table(summaries)
     (run_dir / "summary.md").write_text(table + "\n")
     write_json(run_dir / "summary.json", summaries)
@@ -299,18 +315,71 @@ def run(
 
 
 def load_generator(
-    update: dict[str, Any], hf: HFGenerator, r: int, args: SealArgs
-) -> tuple[HFGenerator, str | None]:
-    """The updated generator: an adapter beside the TTT one on the shared base, or separate full weights."""
+    update: dict[str, Any], engine, r: int, args: SealArgs, tokenizer
+) -> tuple[Any, str | None]:
+    """The updated generator: an adapter on the shared engine, or an engine on the merged/full weights."""
     if update["kind"] == "adapter":
-        name = f"generator-r{r}"  # a fresh name per version: no stale cached state can be reused
-        if name not in hf.model.peft_config:
-            hf.model.load_adapter(update["path"], adapter_name=name)
-        return hf, name
-    model = load_model(update["path"], args.model.dtype)
-    return HFGenerator(
-        model, load_tokenizer(update["path"]), args.generate.generation_batch_size, args.ttt.ttt_autocast
-    ), None
+        return engine, engine.add_adapter(update["path"], name=f"generator-r{r}")  # a fresh name per version
+    if isinstance(engine, HFGenerator):
+        model = load_model(update["path"], args.model.dtype)
+        tok = load_tokenizer(update["path"])
+        return HFGenerator(model, tok, args.generate.generation_batch_size, args.ttt.ttt_autocast), None
+    if args.vllm.vllm_server_url:
+        raise ValueError(
+            "A running vLLM server cannot switch to merged/full update weights: keep the update as a LoRA "
+            "(update_merge: false, use_peft: true), or serve the new weights and rerun"
+        )
+    return vllm_engine(args, update["path"], tokenizer), None
+
+
+def vllm_engine(args: SealArgs, model_path: str, tokenizer):
+    """A vLLM engine for `model_path` whose LoRA limits fit both the TTT and the update adapters.
+
+    With `vllm_server_url` it is a running `vllm serve` instead, which must serve the same base model, have
+    LoRA enabled with a large enough --max-lora-rank, and read adapters from this machine's file system.
+    """
+    from seal.generate.vllm_backend import EngineSettings, VLLMGenerator
+
+    if args.vllm.vllm_server_url:
+        from seal.generate.server import ServerGenerator
+
+        return ServerGenerator(args.vllm.vllm_server_url)
+
+    settings = EngineSettings(
+        model=model_path,
+        max_lora_rank=max(args.ttt.ttt_lora_r, args.model.lora_r if args.model.use_peft else 1),
+        max_loras=args.vllm.vllm_max_loras,
+        max_model_len=args.vllm.vllm_max_model_len,
+        gpu_memory_utilization=args.vllm.vllm_gpu_memory_utilization,
+        dtype=args.vllm.vllm_dtype,
+        seed=args.sft.seed,
+        enable_sleep_mode=args.vllm.vllm_enable_sleep_mode,
+    )
+    return VLLMGenerator(settings, tokenizer)
+
+
+@contextlib.contextmanager
+def ttt_adapter(engine, ttt: TTT, path: Path) -> Iterator[str]:
+    """The name under which `engine` serves the freshly trained TTT adapter.
+
+    The HF engine shares the TTT model, so the live `ttt` adapter is used in place. Any other engine gets the
+    adapter through disk: saved in PEFT format, registered under a fresh name, unregistered and deleted after.
+    """
+    if isinstance(engine, HFGenerator) and engine.model is ttt.model:
+        yield "ttt"
+        return
+    name = engine.add_adapter(str(ttt.save(path)))
+    try:
+        yield name
+    finally:
+        engine.remove_adapter(name)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def sleeping(engine, asleep: bool) -> None:
+    """Sleep/wake a vLLM engine around training phases (a no-op for HF and when sleep mode is off)."""
+    if hasattr(engine, "sleep"):
+        engine.sleep() if asleep else engine.wake_up()
 
 
 def round_summary(

@@ -56,3 +56,44 @@ def tiny_model_path(tmp_path_factory, tokenizer) -> str:
     build_tiny_model(tokenizer).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def passage_examples(passage):
+    """The passage and each of its sentences, title-prefixed: the 'train on passage' condition."""
+    from seal.templates import TrainExample
+
+    sentences = [s.strip().rstrip(".") + "." for s in passage.context.split(". ") if s.strip()]
+    return [TrainExample(f"{passage.title}\n", text) for text in [passage.context, *sentences]]
+
+
+@pytest.fixture(scope="session")
+def passage_adapters(embedded_path, tokenizer, tmp_path_factory):
+    """TTT adapters on the real embedded model, one per invented eval passage, with HF's no-context scores.
+
+    Returns {"passages", "base", "adapted", "losses", "paths"}; shared by the HF and vLLM integration tests.
+    """
+    from seal.config import RewardConfig, TTTConfig
+    from seal.data import load_passages
+    from seal.generate import HFGenerator
+    from seal.graders import make_grader
+    from seal.models import load_model
+    from seal.reward import Rewarder
+    from seal.ttt import TTT, wrap_for_adapters
+
+    model = wrap_for_adapters(load_model(embedded_path), TTTConfig())
+    rewarder = Rewarder(HFGenerator(model, tokenizer), tokenizer, make_grader("contains"), RewardConfig())
+    ttt = TTT(model, tokenizer, TTTConfig(ttt_epochs=10, ttt_learning_rate=1e-3))
+    passages = load_passages("sample", "eval")[:2]
+    out = {
+        "passages": passages,
+        "base": rewarder.score(passages, adapter=None),
+        "adapted": [],
+        "losses": [],
+        "paths": [],
+    }
+    root = tmp_path_factory.mktemp("adapters")
+    for passage in passages:
+        out["losses"].append(ttt.apply(passage_examples(passage), seed=0))
+        out["adapted"].append(rewarder.score([passage], adapter="ttt")[0])
+        out["paths"].append(str(ttt.save(root / passage.id)))
+    return out

@@ -14,7 +14,17 @@ def test_cpu_recipe_parses_with_overrides():
     assert args.model.model_name_or_path == "embedded:smollm2-135m-instruct" and args.model.use_peft
     assert args.loop.num_rounds == 3 and args.ttt.ttt_epochs == 2  # CLI beats YAML
     assert args.data.num_passages >= 8 and args.sft.output_dir.startswith("runs/")
-    assert set(args.to_dict()) == {"model", "data", "generate", "ttt", "reward", "filter", "loop", "sft"}
+    assert set(args.to_dict()) == {
+        "model",
+        "data",
+        "generate",
+        "ttt",
+        "reward",
+        "filter",
+        "loop",
+        "sft",
+        "vllm",
+    }
 
 
 def test_gpu_recipe_mirrors_the_paper():

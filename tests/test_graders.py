@@ -26,6 +26,7 @@ from seal.graders import (
     parse_judgement,
     token_f1,
 )
+from seal.http import EndpointError
 
 SECRET = "sk-test-SECRET-0123456789"
 KEY_ENV = "SEAL_TEST_JUDGE_KEY"
@@ -314,7 +315,8 @@ def test_endpoint_judge_client_error_not_retried_and_key_hidden(
     with pytest.raises(JudgeError) as info:
         judge.grade(["q"], ["a"], [["a"]])
     message = str(info.value)
-    assert isinstance(info.value, RuntimeError)
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, EndpointError)
+    assert info.value.status == status and "nope" in info.value.body and SECRET not in info.value.body
     assert str(status) in message
     assert "/v1/chat/completions" in message and "127.0.0.1" in message
     assert "nope" in message

