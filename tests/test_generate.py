@@ -67,3 +67,16 @@ def test_self_edit_roundtrip():
     from seal.generate import SelfEdit
 
     assert SelfEdit.from_dict(edit.to_dict()) == edit
+
+
+def test_select_backend(monkeypatch):
+    import seal.generate as generate
+
+    monkeypatch.setattr(generate, "vllm_available", lambda: False)
+    assert generate.select_backend("auto") == "hf" and generate.select_backend("hf") == "hf"
+    with pytest.raises(ImportError, match="not installed"):
+        generate.select_backend("vllm")
+    monkeypatch.setattr(generate, "vllm_available", lambda: True)
+    assert generate.select_backend("auto") == "vllm" and generate.select_backend("hf") == "hf"
+    with pytest.raises(ValueError, match="generator_backend"):
+        generate.select_backend("tgi")
