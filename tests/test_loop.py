@@ -50,6 +50,40 @@ def tiny_args(model_path, out_dir, **overrides) -> SealArgs:
     return args
 
 
+def run_two_rounds_on_engine(engine_cls, out_dir, monkeypatch, **overrides) -> list[tuple[int, object]]:
+    """Two real rounds on the embedded model through `engine_cls`; returns its (n, adapter) generate calls
+    after checking that round 2 sampled through the ReST-EM adapter and each TTT adapter had a fresh name."""
+    calls = []
+    original = engine_cls.generate
+
+    def spy(self, prompts, sampling, adapter=None):
+        calls.append((sampling.n, adapter))
+        return original(self, prompts, sampling, adapter)
+
+    monkeypatch.setattr(engine_cls, "generate", spy)
+    args = tiny_args(
+        "embedded:smollm2-135m-instruct",
+        out_dir,
+        generator_backend="vllm",
+        num_passages=1,
+        num_rounds=2,
+        max_new_tokens=48,
+        ttt_epochs=2,
+        ttt_lora_r=8,
+        ttt_lora_alpha=16,
+        max_steps=1,
+        answer_max_new_tokens=16,
+        **overrides,
+    )
+    assert [s["self_edits"] for s in run(args)] == [2, 2]
+    sampling_adapters = [adapter for n, adapter in calls if n == 2]  # self-edit sampling (n=num_self_edits)
+    assert sampling_adapters[0] is None and sampling_adapters[1].startswith("generator-r0")  # the update
+    qa_adapters = [adapter for n, adapter in calls if n == 1 and adapter is not None]
+    assert len(qa_adapters) == len(set(qa_adapters)) >= 2  # every TTT adapter under a fresh name
+    assert all(r["completion"].strip() for r in read_jsonl(out_dir / "round_1" / "self_edits.jsonl"))
+    return calls
+
+
 def results(out_dir, rounds=2):
     return [read_jsonl(out_dir / f"round_{r}" / "self_edits.jsonl") for r in range(rounds)]
 

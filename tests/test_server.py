@@ -630,34 +630,6 @@ def test_real_vllm_server(vllm_server: str, embedded_path: str, tmp_path: Path) 
 @pytest.mark.slow
 def test_loop_through_a_real_vllm_server(vllm_server: str, tmp_path: Path, monkeypatch) -> None:
     """Server mode end to end: TTT adapters and the ReST-EM generator adapter go through dynamic loading."""
-    from seal.loop import run
-    from tests.test_loop import tiny_args
+    from tests.test_loop import run_two_rounds_on_engine
 
-    calls = []
-    original = ServerGenerator.generate
-
-    def spy(self, prompts, sampling, adapter=None):
-        calls.append((sampling.n, adapter))
-        return original(self, prompts, sampling, adapter)
-
-    monkeypatch.setattr(ServerGenerator, "generate", spy)
-    args = tiny_args(
-        "embedded:smollm2-135m-instruct",
-        tmp_path / "run",
-        generator_backend="vllm",
-        vllm_server_url=vllm_server,
-        num_passages=1,
-        num_rounds=2,
-        max_new_tokens=48,
-        ttt_epochs=2,
-        ttt_lora_r=8,
-        ttt_lora_alpha=16,
-        max_steps=1,
-        answer_max_new_tokens=16,
-    )
-    summaries = run(args)
-    assert [s["self_edits"] for s in summaries] == [2, 2]
-    sampling_adapters = [adapter for n, adapter in calls if n == 2]
-    assert sampling_adapters[0] is None and sampling_adapters[1].startswith("generator-r0")
-    qa_adapters = [adapter for n, adapter in calls if n == 1 and adapter is not None]
-    assert len(qa_adapters) == len(set(qa_adapters)) >= 2
+    run_two_rounds_on_engine(ServerGenerator, tmp_path / "run", monkeypatch, vllm_server_url=vllm_server)

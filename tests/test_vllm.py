@@ -102,38 +102,7 @@ def test_bad_adapter_is_refused_at_once(engine, tmp_path, passage_adapters):
 
 def test_loop_on_vllm_samples_round_two_from_the_updated_generator(embedded_path, tmp_path, monkeypatch):
     from seal.generate.vllm_backend import VLLMGenerator
-    from seal.loop import run
-    from seal.utils import read_jsonl
-    from tests.test_loop import tiny_args
+    from tests.test_loop import run_two_rounds_on_engine
 
-    calls = []
-    original = VLLMGenerator.generate
-
-    def spy(self, prompts, sampling, adapter=None):
-        calls.append((sampling.n, adapter))
-        return original(self, prompts, sampling, adapter)
-
-    monkeypatch.setattr(VLLMGenerator, "generate", spy)
-    args = tiny_args(
-        "embedded:smollm2-135m-instruct",
-        tmp_path / "run",
-        generator_backend="vllm",
-        vllm_dtype="bfloat16",
-        num_passages=1,
-        num_rounds=2,
-        max_new_tokens=48,
-        ttt_epochs=2,
-        ttt_lora_r=8,
-        ttt_lora_alpha=16,
-        max_steps=1,
-        answer_max_new_tokens=16,
-    )
-    summaries = run(args)
-    assert [s["self_edits"] for s in summaries] == [2, 2]
-    sampling_calls = [adapter for n, adapter in calls if n == 2]  # self-edit sampling (n=num_self_edits)
-    assert sampling_calls[0] is None and sampling_calls[1].startswith("generator-r0")  # the ReST-EM update
-    qa_adapters = [adapter for n, adapter in calls if n == 1 and adapter is not None]
-    assert len(qa_adapters) == len(set(qa_adapters)) >= 2  # every TTT adapter under a fresh name
+    run_two_rounds_on_engine(VLLMGenerator, tmp_path / "run", monkeypatch, vllm_dtype="bfloat16")
     assert not list((tmp_path / "run" / "round_0" / "adapters").glob("*"))  # temporary adapters cleaned up
-    rows = read_jsonl(tmp_path / "run" / "round_1" / "self_edits.jsonl")
-    assert all(r["completion"].strip() for r in rows)
