@@ -70,8 +70,14 @@ class SealArgs:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             d = value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
-            out[f.name] = {k: v for k, v in d.items() if "token" not in k}  # never snapshot secrets
+            out[f.name] = {k: v for k, v in d.items() if not is_secret(k)}
+
         return out
+
+
+def is_secret(field_name: str) -> bool:
+    """Credential fields (`hub_token`, ...) are never written to the run directory."""
+    return field_name == "token" or field_name.endswith("_token")
 
 
 def check_args(args: SealArgs) -> None:

@@ -7,6 +7,7 @@ from the base model, not from the previous round's generator, which limits drift
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,11 +57,7 @@ def update_lora_config(model_args: ModelConfig):
 def finished_update(out_dir: str | Path) -> dict[str, Any] | None:
     """The record of a completed update in `out_dir`, or None if it did not finish."""
     marker = Path(out_dir) / DONE
-    if not marker.is_file():
-        return None
-    import json
-
-    return json.loads(marker.read_text())
+    return json.loads(marker.read_text()) if marker.is_file() else None
 
 
 def update_generator(

@@ -51,4 +51,6 @@ def test_unknown_field_and_command_are_refused(tmp_path):
 
 def test_snapshot_never_contains_tokens():
     args = parse_args(["--config", str(RECIPES / "smollm2-135m-cpu.yaml"), "--hub_token", "hf_secret"])
-    assert "hf_secret" not in str(args.to_dict())
+    snapshot = args.to_dict()
+    assert "hf_secret" not in str(snapshot)
+    assert snapshot["generate"]["max_new_tokens"] == args.generate.max_new_tokens  # not a secret

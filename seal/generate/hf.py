@@ -31,12 +31,13 @@ class HFGenerator:
         self.batch_size = batch_size
         self.autocast_setting = autocast_setting
         self.progress = progress
+        self._loaded = 0  # adapters loaded from disk so far (for fresh names)
 
     def add_adapter(self, path: str, name: str | None = None) -> str:
         """Load a PEFT adapter directory beside the others; returns its (fresh) name."""
         if not isinstance(self.model, PeftModel):
             raise ValueError("add_adapter needs a PeftModel (see seal.ttt.wrap_for_adapters)")
-        self._loaded = getattr(self, "_loaded", 0) + 1
+        self._loaded += 1
         name = f"{name or os.path.basename(os.path.normpath(path))}-{self._loaded}"
         self.model.load_adapter(path, adapter_name=name)
         return name
