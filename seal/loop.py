@@ -186,11 +186,12 @@ def run(
         if select_backend(args.generate.generator_backend) == "hf"
         else vllm_engine(args, base_path, tokenizer)
     )
-    judge = engine
+    judge, judge_tokenizer = engine, tokenizer  # a local judge is the base model unless judge_model is set
     if args.reward.reward_grader == "judge" and args.reward.judge_model and not args.reward.judge_url:
         judge_path = resolve_model_path(args.reward.judge_model, args.loop.model_cache_dir)
-        judge = HFGenerator(load_model(judge_path), load_tokenizer(judge_path), args.reward.answer_batch_size)
-    grader = build_grader(args.reward, judge, tokenizer)
+        judge_tokenizer = load_tokenizer(judge_path)
+        judge = HFGenerator(load_model(judge_path), judge_tokenizer, args.reward.answer_batch_size)
+    grader = build_grader(args.reward, judge, judge_tokenizer)
     rewarder = Rewarder(engine, tokenizer, grader, args.reward, args.generate.use_chat_template)
     ttt = TTT(model, tokenizer, args.ttt)
     journal = Journal(run_dir / "journal.jsonl")

@@ -173,3 +173,13 @@ def test_resume_refuses_a_changed_recipe_and_resume_false_starts_over(tiny_model
     assert all(
         r["key"][0] == "baseline" or len(r["losses"]) in (0, 3) for r in read_jsonl(out / "journal.jsonl")
     )
+
+
+def test_round_with_a_separate_local_judge_model(tiny_model_path, tmp_path):
+    out = tmp_path / "run"
+    (summary,) = run(
+        tiny_args(tiny_model_path, out, num_rounds=1, reward_grader="judge", judge_model=tiny_model_path)
+    )
+    assert summary["self_edits"] == 4
+    evals = [r for r in read_jsonl(out / "journal.jsonl") if r["key"][0] == "eval" and r["status"] == "ok"]
+    assert evals and all(score in (0.0, 1.0) for r in evals for score in r["scores"])  # yes/no verdicts
