@@ -7,7 +7,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
@@ -27,6 +27,7 @@ from seal.graders import (
     token_f1,
 )
 from seal.http import EndpointError
+from tests.conftest import loopback_server
 
 SECRET = "sk-test-SECRET-0123456789"
 KEY_ENV = "SEAL_TEST_JUDGE_KEY"
@@ -221,17 +222,9 @@ def fake_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeServer]:
         def log_message(self, *args: Any) -> None:
             """Keep the test output quiet."""
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/v1/"
-    try:
+    with loopback_server(Handler) as url:
+        state.url = f"{url}/v1/"
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=2)
 
 
 def _fast_judge(url: str, **kwargs: Any) -> EndpointJudge:

@@ -14,7 +14,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from seal.generate.server import ServerGenerator
 from seal.graders import JudgeError
 from seal.http import EndpointError, JSONClient, redact_url
 from seal.utils import task_seed
+from tests.conftest import loopback_server
 
 SECRET = "sk-test-SERVER-SECRET-9876543210"
 KEY_ENV = "SEAL_TEST_SERVER_KEY"
@@ -112,17 +113,9 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[Fake]:
         def log_message(self, *args: Any) -> None:
             """Keep the test output quiet."""
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with loopback_server(Handler) as url:
+        state.url = url
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=2)
 
 
 def _gen(url: str, **kwargs: Any) -> ServerGenerator:
