@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import sys
 import typing
+from pathlib import Path
 
 from trl import TrlParser
 
+from seal.evaluate import EvalArgs
 from seal.loop import SealArgs, run
 from seal.models import DEFAULT_MODEL
 
 # One dataclass per concern, in SealArgs' field order: TRL's ModelConfig and SFTConfig, and seal's own.
 ARG_TYPES = tuple(typing.get_type_hints(SealArgs).values())
+EVAL_ARG_TYPES = tuple(typing.get_type_hints(EvalArgs).values())
 
 
 def parse_args(argv: list[str] | None = None) -> SealArgs:
@@ -27,7 +30,25 @@ def knowledge(argv: list[str] | None = None) -> None:
     run(parse_args(argv))
 
 
-COMMANDS = {"knowledge": knowledge}
+def parse_eval_args(argv: list[str] | None = None) -> EvalArgs:
+    """Parse an evaluation recipe (`--config`) with CLI overrides into `EvalArgs`."""
+    args = EvalArgs(*TrlParser(EVAL_ARG_TYPES).parse_args_and_config(argv))
+    if args.model.model_name_or_path is None:
+        args.model.model_name_or_path = DEFAULT_MODEL
+    return args
+
+
+def evaluate(argv: list[str] | None = None) -> None:
+    """Run the held-out QA evaluation from a recipe and print its tables."""
+    from seal.evaluate import evaluate as run_evaluation
+
+    command = sys.orig_argv if argv is None else ["seal", "evaluate", *argv]  # recorded with the results
+    args = parse_eval_args(argv)
+    run_evaluation(args, argv=command)
+    print(Path(args.eval.eval_output_dir, "results.md").read_text(), flush=True)
+
+
+COMMANDS = {"knowledge": knowledge, "evaluate": evaluate}
 
 
 def main(argv: list[str] | None = None) -> None:

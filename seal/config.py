@@ -128,6 +128,27 @@ class TTTConfig:
             "help": "auto | bfloat16 | none. auto: bf16 autocast on CUDA and on CPUs with AMX/AVX512-BF16."
         },
     )
+    ttt_max_grad_norm: float = field(
+        default=1.0,
+        metadata={
+            "help": "Clip each adapter's gradient norm to this (0: no clipping), as transformers does."
+        },
+    )
+    ttt_lr_scheduler: str = field(
+        default="constant",
+        metadata={"help": "constant | linear (decay to 0 over each adapter's steps, like transformers)."},
+    )
+    ttt_mode: str = field(
+        default="batched",
+        metadata={
+            "help": "batched: many self-edits' adapters trained and evaluated together (seal.multi_lora); "
+            "sequential: one PEFT adapter at a time."
+        },
+    )
+    ttt_parallel_adapters: int = field(
+        default=0,
+        metadata={"help": "Adapters trained together in batched mode; 0 = as many as free memory allows."},
+    )
 
 
 @dataclass
@@ -184,3 +205,58 @@ class LoopConfig:
         default=None, metadata={"help": "Where embedded models are converted to (default ~/.cache/seal)."}
     )
     resume: bool = field(default=True, metadata={"help": "Continue from the run directory's journal."})
+
+
+@dataclass
+class EvalConfig:
+    """The held-out QA evaluation (`eval/run_eval.py`): conditions x settings x graders on one QA set."""
+
+    eval_dataset: str = field(
+        default="sample",
+        metadata={
+            "help": "Passages with questions: sample, a SQuAD/SEAL-format .json/.jsonl, or a hub name."
+        },
+    )
+    eval_split: str = field(default="eval", metadata={"help": "Split (sample data and hub datasets)."})
+    eval_num_passages: int | None = field(default=None, metadata={"help": "Use the first N passages."})
+    eval_max_questions: int | None = field(default=None, metadata={"help": "Questions per passage (cap)."})
+    eval_conditions: list[str] = field(
+        default_factory=lambda: ["base", "passage", "base_generator"],
+        metadata={
+            "help": "base (no training) | passage (TTT on the passage) | base_generator (self-edits sampled "
+            "from the base model) | trained_generator (from eval_generator). Files in eval_completions add "
+            "one condition each."
+        },
+    )
+    eval_completions: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "label=path: self-edits read from a SEAL-format file ({title, context, questions, "
+            "completions} records), matched to the passages by context."
+        },
+    )
+    eval_generator: str | None = field(
+        default=None,
+        metadata={
+            "help": "A trained generator: a PEFT adapter dir (e.g. a run's round_0/update/generator) "
+            "or a full checkpoint."
+        },
+    )
+    eval_num_self_edits: int = field(
+        default=1, metadata={"help": "Self-edits per passage; its accuracy is the mean over them."}
+    )
+    eval_settings: list[str] = field(
+        default_factory=lambda: ["single"],
+        metadata={
+            "help": "single: a fresh adapter per passage (and self-edit); cpt: continued pretraining, one "
+            "adapter on every passage's data, then all questions."
+        },
+    )
+    eval_graders: list[str] = field(
+        default_factory=lambda: ["contains"],
+        metadata={"help": "exact_match | f1 | contains | judge; each gets its own table."},
+    )
+    eval_bootstrap_resamples: int = field(default=10_000, metadata={"help": "Bootstrap resamples for CIs."})
+    eval_output_dir: str = field(default="runs/eval", metadata={"help": "Results, answers, plots, journal."})
+    eval_seed: int = field(default=0, metadata={"help": "Seed of self-edit sampling and TTT."})
+    eval_resume: bool = field(default=True, metadata={"help": "Continue from the output dir's journal."})

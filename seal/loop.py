@@ -12,19 +12,17 @@ and every stage's output to the run directory, so rerunning the same command res
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from tqdm.auto import tqdm
 from trl import ModelConfig, SFTConfig
 
 from seal.config import (
@@ -40,11 +38,12 @@ from seal.data import Passage, load_passages
 from seal.filter import STRATEGIES, select
 from seal.generate import HFGenerator, SelfEdit, generate_self_edits, select_backend
 from seal.graders import GRADER_NAMES
+from seal.inner_loop import MODES, InnerLoop, Job
 from seal.journal import Journal
 from seal.models import load_model, load_tokenizer, resolve_model_path
-from seal.reward import Rewarder, build_grader, reward
+from seal.reward import PassageScore, Rewarder, build_grader, reward
 from seal.templates import get_template
-from seal.ttt import TTT, wrap_for_adapters
+from seal.ttt import wrap_for_adapters
 from seal.update import finished_update, update_generator
 from seal.utils import read_jsonl, task_seed, write_json, write_jsonl
 
@@ -86,6 +85,8 @@ def check_args(args: SealArgs) -> None:
     select_backend(args.generate.generator_backend)
     if args.reward.reward_grader not in GRADER_NAMES:
         raise ValueError(f"reward_grader must be one of {GRADER_NAMES}, got '{args.reward.reward_grader}'")
+    if args.ttt.ttt_mode not in MODES:
+        raise ValueError(f"ttt_mode must be one of {MODES}, got '{args.ttt.ttt_mode}'")
     if args.filter.filter_strategy not in STRATEGIES:
         raise ValueError(f"filter_strategy must be one of {STRATEGIES}, got '{args.filter.filter_strategy}'")
     for name in ("num_self_edits", "reward_repeats", "num_rounds", "ttt_epochs", "ttt_batch_size"):
@@ -184,7 +185,7 @@ def run(
     engine = (
         hf
         if select_backend(args.generate.generator_backend) == "hf"
-        else vllm_engine(args, base_path, tokenizer)
+        else vllm_engine(args.vllm, base_path, tokenizer, lora_rank(args), args.sft.seed)
     )
     judge, judge_tokenizer = engine, tokenizer  # a local judge is the base model unless judge_model is set
     if args.reward.reward_grader == "judge" and args.reward.judge_model and not args.reward.judge_url:
@@ -193,7 +194,6 @@ def run(
         judge = HFGenerator(load_model(judge_path), judge_tokenizer, args.reward.answer_batch_size)
     grader = build_grader(args.reward, judge, judge_tokenizer)
     rewarder = Rewarder(engine, tokenizer, grader, args.reward, args.generate.use_chat_template)
-    ttt = TTT(model, tokenizer, args.ttt)
     journal = Journal(run_dir / "journal.jsonl")
     by_id = {p.id: p for p in passages}
 
@@ -226,37 +226,43 @@ def run(
             write_jsonl(gen_path, [e.to_dict() for e in edits])
         t_gen = time.time() - t0
 
-        # 2-3. apply each self-edit with a fresh LoRA, then reward the adapted model (journaled one by one).
-        tasks = [(e, rep) for e in edits for rep in range(args.reward.reward_repeats)]
-        for edit, rep in tqdm(tasks, desc=f"round {r}: TTT + reward", unit="eval"):
-            key = ("eval", r, edit.passage_id, edit.index, rep)
-            if journal.get(*key) is not None:
-                continue
-            passage = by_id[edit.passage_id]
-            if edit.status != "ok":  # empty/unparseable: reward 0, logged at parse time, never trained
-                record = journal.append(
-                    key, status=edit.status, losses=[], accuracy=0.0, answers=[], scores=[]
-                )
-            else:
+        # 2-3. apply each self-edit with a fresh LoRA, then reward the adapted model (journaled one by one;
+        #      in batched mode many self-edits are trained and answered together).
+        jobs, keys = [], {}
+        for edit in edits:
+            for rep in range(args.reward.reward_repeats):
+                key = ("eval", r, edit.passage_id, edit.index, rep)
+                if journal.get(*key) is not None:
+                    continue
+                if edit.status != "ok":  # empty/unparseable: reward 0, logged at parse time, never trained
+                    record = journal.append(
+                        key, status=edit.status, losses=[], accuracy=0.0, answers=[], scores=[]
+                    )
+                    if on_evaluation is not None:
+                        on_evaluation(record)
+                    continue
+                name = f"{edit.passage_id}-{edit.index}-{rep}"
+                keys[name] = key
                 ttt_seed = task_seed(seed, "ttt", r, edit.passage_id, edit.index, rep)
-                losses = ttt.apply(edit.examples, ttt_seed)
-                with ttt_adapter(
-                    engine, ttt, round_dir / "adapters" / f"{edit.passage_id}-{edit.index}-{rep}"
-                ) as name:
-                    score = rewarder.score([passage], adapter=name)[0]
-                record = journal.append(key, status="ok", seed=ttt_seed, losses=losses, **score.to_dict())
-                logger.info(
-                    "round %d passage %s self-edit %d repeat %d: accuracy %.2f (base %.2f), final loss %.3f",
-                    r,
-                    edit.passage_id,
-                    edit.index,
-                    rep,
-                    score.accuracy,
-                    baseline[edit.passage_id],
-                    losses[-1],
-                )
+                jobs.append(Job(name, edit.examples, [by_id[edit.passage_id]], ttt_seed))
+
+        def finished(job: Job, losses: list[float], scores: list[PassageScore], keys=keys) -> None:
+            key = keys[job.name]
+            score = scores[0]
+            record = journal.append(key, status="ok", seed=job.seed, losses=losses, **score.to_dict())
+            logger.info(
+                "round %d passage %s self-edit %d repeat %d: accuracy %.2f (base %.2f), final loss %.3f",
+                *key[1:],
+                score.accuracy,
+                baseline[score.passage_id],
+                losses[-1],
+            )
             if on_evaluation is not None:
                 on_evaluation(record)
+
+        if jobs:
+            inner = InnerLoop(model, tokenizer, args.ttt, rewarder, round_dir / "adapters")
+            inner.run(jobs, finished)
         t_eval = time.time() - t0 - t_gen
 
         # Rewards per self-edit, averaged over TTT repeats.
@@ -336,51 +342,38 @@ def load_generator(
             "A running vLLM server cannot switch to merged/full update weights: keep the update as a LoRA "
             "(update_merge: false, use_peft: true), or serve the new weights and rerun"
         )
-    return vllm_engine(args, update["path"], tokenizer), None
+    return vllm_engine(args.vllm, update["path"], tokenizer, lora_rank(args), args.sft.seed), None
 
 
-def vllm_engine(args: SealArgs, model_path: str, tokenizer):
-    """A vLLM engine for `model_path` whose LoRA limits fit both the TTT and the update adapters.
+def lora_rank(args: SealArgs) -> int:
+    """The largest LoRA rank an engine must serve: TTT adapters and the generator's update adapter."""
+    return max(args.ttt.ttt_lora_r, args.model.lora_r if args.model.use_peft else 1)
+
+
+def vllm_engine(vllm: VLLMConfig, model_path: str, tokenizer, max_lora_rank: int, seed: int):
+    """A vLLM engine for `model_path` whose LoRA limit fits adapters up to `max_lora_rank`.
 
     With `vllm_server_url` it is a running `vllm serve` instead, which must serve the same base model, have
     LoRA enabled with a large enough --max-lora-rank, and read adapters from this machine's file system.
     """
     from seal.generate.vllm_backend import EngineSettings, VLLMGenerator
 
-    if args.vllm.vllm_server_url:
+    if vllm.vllm_server_url:
         from seal.generate.server import ServerGenerator
 
-        return ServerGenerator(args.vllm.vllm_server_url)
+        return ServerGenerator(vllm.vllm_server_url)
 
     settings = EngineSettings(
         model=model_path,
-        max_lora_rank=max(args.ttt.ttt_lora_r, args.model.lora_r if args.model.use_peft else 1),
-        max_loras=args.vllm.vllm_max_loras,
-        max_model_len=args.vllm.vllm_max_model_len,
-        gpu_memory_utilization=args.vllm.vllm_gpu_memory_utilization,
-        dtype=args.vllm.vllm_dtype,
-        seed=args.sft.seed,
-        enable_sleep_mode=args.vllm.vllm_enable_sleep_mode,
+        max_lora_rank=max_lora_rank,
+        max_loras=vllm.vllm_max_loras,
+        max_model_len=vllm.vllm_max_model_len,
+        gpu_memory_utilization=vllm.vllm_gpu_memory_utilization,
+        dtype=vllm.vllm_dtype,
+        seed=seed,
+        enable_sleep_mode=vllm.vllm_enable_sleep_mode,
     )
     return VLLMGenerator(settings, tokenizer)
-
-
-@contextlib.contextmanager
-def ttt_adapter(engine, ttt: TTT, path: Path) -> Iterator[str]:
-    """The name under which `engine` serves the freshly trained TTT adapter.
-
-    The HF engine shares the TTT model, so the live `ttt` adapter is used in place. Any other engine gets the
-    adapter through disk: saved in PEFT format, registered under a fresh name, unregistered and deleted after.
-    """
-    if isinstance(engine, HFGenerator) and engine.model is ttt.model:
-        yield "ttt"
-        return
-    name = engine.add_adapter(str(ttt.save(path)))
-    try:
-        yield name
-    finally:
-        engine.remove_adapter(name)
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def sleeping(engine, asleep: bool) -> None:

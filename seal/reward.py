@@ -54,18 +54,34 @@ class Rewarder:
         self.cfg = cfg
         self.use_chat_template = use_chat_template
 
-    def answer(self, questions: Sequence[str], adapter: str | None = None) -> list[str]:
+    def answer(
+        self, questions: Sequence[str], adapter: str | None | Sequence[str | None] = None
+    ) -> list[str]:
+        """Greedy answers; `adapter` is one name for all questions or one per question."""
         prompts = [
             render_chat(self.tokenizer, QA_PROMPT.format(question=q), self.use_chat_template)
             for q in questions
         ]
+        if not (adapter is None or isinstance(adapter, str)) and len(set(adapter)) == 1:
+            adapter = adapter[0]  # one model for all: generators need not support per-prompt adapters
         sampling = Sampling(n=1, temperature=0.0, max_new_tokens=self.cfg.answer_max_new_tokens)
         return [c[0].strip() for c in self.generator.generate(prompts, sampling, adapter=adapter)]
 
-    def score(self, passages: Sequence[Passage], adapter: str | None = None) -> list[PassageScore]:
-        """Score every question of every passage in one batched pass."""
+    def score(
+        self, passages: Sequence[Passage], adapter: str | None | Sequence[str | None] = None
+    ) -> list[PassageScore]:
+        """Score every question of every passage in one batched pass.
+
+        `adapter` names the model that answers: one for all passages, or one per passage (e.g. each
+        passage's own TTT adapter, all answered in the same batch).
+        """
+        if adapter is None or isinstance(adapter, str):
+            adapter = [adapter] * len(passages)
+        if len(adapter) != len(passages):
+            raise ValueError(f"{len(adapter)} adapters for {len(passages)} passages")
         qas = [(p.id, q) for p in passages for q in p.questions]
-        predictions = self.answer([q.question for _, q in qas], adapter)
+        per_question = [a for p, a in zip(passages, adapter, strict=True) for _ in p.questions]
+        predictions = self.answer([q.question for _, q in qas], per_question)
         grades = self.grader.grade([q.question for _, q in qas], predictions, [q.answers for _, q in qas])
         out, i = [], 0
         for p in passages:

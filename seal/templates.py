@@ -78,6 +78,7 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, text: str, use_chat_template
 
 
 _BULLET = re.compile(r"^\s*(?:[-*\u2022]|\(?\d+[.)]|[a-zA-Z][.)](?=\s))\s*")
+_HEADING = re.compile(r"^[*#\s]*[\w ]{1,40}:[*\s]*$")  # "**Implications:**", "Rewrites:" (no content)
 _QA = re.compile(
     r"(?:^|\n)\s*(?:\*\*)?(?:Q(?:uestion)?\s*\d*)(?:\*\*)?\s*[:.]\s*(?P<q>.+?)\s*\n+\s*(?:\*\*)?A(?:nswer)?\s*\d*"
     r"(?:\*\*)?\s*[:.]\s*(?P<a>.+?)(?=\n\s*\n|\n\s*(?:\*\*)?Q(?:uestion)?\s*\d*(?:\*\*)?\s*[:.]|\Z)",
@@ -94,7 +95,7 @@ def parse_items(completion: str, parser: str) -> list[tuple[str, str]]:
         return [("", text)]
     if parser == "lines":
         lines = (_BULLET.sub("", line).strip() for line in text.splitlines())
-        return [("", line) for line in lines if len(line) > 2]
+        return [("", line) for line in lines if len(line) > 2 and not _HEADING.match(line)]
     if parser == "paragraphs":
         paragraphs = (" ".join(p.split()) for p in re.split(r"\n\s*\n", text))
         return [("", p) for p in paragraphs if len(p) > 2]
@@ -117,5 +118,11 @@ def training_examples(
     prefix = f"{passage.title}\n" if cfg.title_prefix and passage.title else ""
     examples = [TrainExample(prefix + p, c) for p, c in items]
     if examples and cfg.include_passage:
-        examples.append(TrainExample(prefix, passage.context))
+        examples.extend(passage_examples(passage, cfg))
     return examples
+
+
+def passage_examples(passage: Passage, cfg: GenerateConfig) -> list[TrainExample]:
+    """The passage itself as TTT data (title-prefixed like the self-edit items)."""
+    prefix = f"{passage.title}\n" if cfg.title_prefix and passage.title else ""
+    return [TrainExample(prefix, passage.context)]

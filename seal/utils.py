@@ -63,3 +63,18 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+@contextlib.contextmanager
+def attention_implementation(model: torch.nn.Module, implementation: str | None):
+    """Temporarily switch a transformers model's attention kernel (None: leave it as it is)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    previous = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+    if implementation is None or previous is None or previous == implementation:
+        yield
+        return
+    inner.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation(previous)

@@ -87,32 +87,33 @@ def passage_examples(passage):
 
 @pytest.fixture(scope="session")
 def passage_adapters(embedded_path, tokenizer, tmp_path_factory):
-    """TTT adapters on the real embedded model, one per invented eval passage, with HF's no-context scores.
+    """TTT adapters on the real embedded model, one per invented eval passage, trained together by the
+    library's default batched TTT, with their no-context scores and their PEFT exports.
 
     Returns {"passages", "base", "adapted", "losses", "paths"}; shared by the HF and vLLM integration tests.
     """
     from seal.config import RewardConfig, TTTConfig
     from seal.data import load_passages
     from seal.generate import HFGenerator
+    from seal.generate.hf import stack_adapter
     from seal.graders import make_grader
     from seal.models import load_model
     from seal.reward import Rewarder
-    from seal.ttt import TTT, wrap_for_adapters
+    from seal.ttt import BatchedTTT, wrap_for_adapters
 
     model = wrap_for_adapters(load_model(embedded_path), TTTConfig())
-    rewarder = Rewarder(HFGenerator(model, tokenizer), tokenizer, make_grader("contains"), RewardConfig())
-    ttt = TTT(model, tokenizer, TTTConfig(ttt_epochs=10, ttt_learning_rate=1e-3))
+    generator = HFGenerator(model, tokenizer)
+    rewarder = Rewarder(generator, tokenizer, make_grader("contains"), RewardConfig())
+    batched = BatchedTTT(model, tokenizer, TTTConfig(ttt_epochs=10, ttt_learning_rate=1e-3))
     passages = load_passages("sample", "eval")[:2]
-    out = {
-        "passages": passages,
-        "base": rewarder.score(passages, adapter=None),
-        "adapted": [],
-        "losses": [],
-        "paths": [],
-    }
+    base = rewarder.score(passages, adapter=None)
+    losses = batched.apply([passage_examples(p) for p in passages], seeds=[0, 1])
+    generator.stack = batched.stack
     root = tmp_path_factory.mktemp("adapters")
-    for passage in passages:
-        out["losses"].append(ttt.apply(passage_examples(passage), seed=0))
-        out["adapted"].append(rewarder.score([passage], adapter="ttt")[0])
-        out["paths"].append(str(ttt.save(root / passage.id)))
-    return out
+    return {
+        "passages": passages,
+        "base": base,
+        "adapted": rewarder.score(passages, [stack_adapter(k) for k in range(len(passages))]),
+        "losses": losses,
+        "paths": [str(batched.save(k, root / p.id)) for k, p in enumerate(passages)],
+    }

@@ -12,7 +12,15 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seal.generate.base import Sampling
+from seal.multi_lora import StackedLoRA
 from seal.utils import autocast, model_device
+
+STACK_PREFIX = "stack:"
+
+
+def stack_adapter(k: int) -> str:
+    """The adapter name under which HFGenerator serves adapter k of its attached StackedLoRA."""
+    return f"{STACK_PREFIX}{k}"
 
 
 class HFGenerator:
@@ -32,6 +40,7 @@ class HFGenerator:
         self.autocast_setting = autocast_setting
         self.progress = progress
         self._loaded = 0  # adapters loaded from disk so far (for fresh names)
+        self.stack: StackedLoRA | None = None  # stacked TTT adapters, addressed as `stack:<k>`
 
     def add_adapter(self, path: str, name: str | None = None) -> str:
         """Load a PEFT adapter directory beside the others; returns its (fresh) name."""
@@ -57,19 +66,74 @@ class HFGenerator:
         self.model.set_adapter(adapter)
         return contextlib.nullcontext()
 
-    @torch.inference_mode()
     def generate(
-        self, prompts: Sequence[str], sampling: Sampling, adapter: str | None = None
+        self, prompts: Sequence[str], sampling: Sampling, adapter: str | None | Sequence[str | None] = None
     ) -> list[list[str]]:
+        """`adapter`: one name for all prompts or one per prompt; ``stack:<k>`` names a stacked adapter."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a sequence of strings, not a single string")
+        adapters = [adapter] * len(prompts) if adapter is None or isinstance(adapter, str) else list(adapter)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"{len(adapters)} adapters for {len(prompts)} prompts")
+        results: dict[int, list[str]] = {}
+        stacked = [i for i, a in enumerate(adapters) if a is not None and a.startswith(STACK_PREFIX)]
+        if stacked:
+            outs = self._generate_stacked(
+                [prompts[i] for i in stacked], [adapters[i] for i in stacked], sampling
+            )
+            results.update(zip(stacked, outs, strict=True))
+        # PEFT adapters: one pass per distinct adapter (the base model is adapter None)
+        for name in dict.fromkeys(a for i, a in enumerate(adapters) if i not in results):
+            group = [i for i, a in enumerate(adapters) if a == name and i not in results]
+            with self._adapter_context(name):
+                outs = self._generate_rows([prompts[i] for i in group], sampling)
+            results.update(zip(group, outs, strict=True))
+        return [results[i] for i in range(len(prompts))]
+
+    def _generate_stacked(
+        self, prompts: list[str], adapters: list[str], sampling: Sampling
+    ) -> list[list[str]]:
+        """Prompts of stacked adapters, grouped per adapter into equal blocks and generated together."""
+        if self.stack is None:
+            raise ValueError(f"Adapter '{adapters[0]}' requested but no stacked adapters are attached")
+        slots = [int(a.removeprefix(STACK_PREFIX)) for a in adapters]
+        by_slot = {s: [i for i, x in enumerate(slots) if x == s] for s in dict.fromkeys(slots)}
+        block = max(len(v) for v in by_slot.values()) * sampling.n
+        per_call = max(1, self.batch_size // block)  # adapters per generate call
+        items = list(by_slot.items())
+        results: dict[int, list[str]] = {}
+        peft_off = isinstance(self.model, PeftModel)  # stacked adapters act on the bare base model
+        with self.model.disable_adapter() if peft_off else contextlib.nullcontext():
+            for start in range(0, len(items), per_call):
+                chunk = items[start : start + per_call]
+                rows: list[str] = []
+                for _, idx in chunk:  # pad every block to the same size with copies of its first prompt
+                    padded = idx + [idx[0]] * (block // sampling.n - len(idx))
+                    rows.extend(prompts[i] for i in padded for _ in range(sampling.n))
+                with self.stack.route([s for s, _ in chunk]):
+                    outs = self._generate_batches(rows, sampling, batch_size=len(rows))
+                for g, (_, idx) in enumerate(chunk):
+                    for j, i in enumerate(idx):
+                        first = g * block + j * sampling.n
+                        results[i] = outs[first : first + sampling.n]
+        return [results[i] for i in range(len(prompts))]
+
+    def _generate_rows(self, prompts: list[str], sampling: Sampling) -> list[list[str]]:
         expanded = [p for p in prompts for _ in range(sampling.n)]
+        outputs = self._generate_batches(expanded, sampling, self.batch_size)
+        return [outputs[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
+
+    @torch.inference_mode()
+    def _generate_batches(self, rows: list[str], sampling: Sampling, batch_size: int) -> list[str]:
+        """One completion per row, `batch_size` rows per `generate` call (left-padded)."""
         device = model_device(self.model)
         outputs: list[str] = []
         was_training = self.model.training
         self.model.eval()
-        batches = range(0, len(expanded), self.batch_size)
-        with self._adapter_context(adapter), autocast(device, self.autocast_setting):
+        batches = range(0, len(rows), batch_size)
+        with autocast(device, self.autocast_setting):
             for b, start in enumerate(tqdm(batches, desc="generate", disable=not self.progress, leave=False)):
-                batch = expanded[start : start + self.batch_size]
+                batch = rows[start : start + batch_size]
                 enc = self.tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(
                     device
                 )
@@ -90,4 +154,4 @@ class HFGenerator:
                 new_tokens = out[:, enc["input_ids"].shape[1] :]
                 outputs.extend(self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
         self.model.train(was_training)
-        return [outputs[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
+        return outputs

@@ -1,0 +1,279 @@
+"""The inner loop (TTT + QA evaluation per self-edit): a reference-style implementation vs seal's batched one.
+
+    python scripts/bench_ttt.py --num_passages 8 --num_self_edits 2 --out scripts/results/bench_ttt
+
+On the same self-edits (sampled once from the embedded model for the sample data's eval passages and
+cached in the output directory) and the same questions, in one process:
+
+  reference  per self-edit: a fresh PEFT model and a `trl.SFTTrainer`, batch 1, SEAL's TTT defaults
+             (r=32, alpha=64, lr 1e-3, 10 epochs, linear decay), then greedy answers one question at a time;
+  same-hp    seal.ttt.BatchedTTT with exactly those hyperparameters (batch 1, linear decay): all adapters
+             trained together (packed, bf16 autocast), all answers generated in one batch;
+  recipe     the same with the CPU recipe's TTT settings (batch 8, constant lr).
+
+Prints and writes (JSON + Markdown) evaluations/hour, speed-up over the reference, mean adapted accuracy with
+a paired bootstrap CI of the difference, training tokens/s and the share of this CPU's measured matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from peft import get_peft_model
+from trl import SFTConfig, SFTTrainer
+
+from seal.config import GenerateConfig, RewardConfig, TTTConfig
+from seal.data import load_passages
+from seal.generate import HFGenerator, SelfEdit, generate_self_edits
+from seal.generate.hf import stack_adapter
+from seal.graders import make_grader
+from seal.models import load_model, load_tokenizer, resolve_model_path
+from seal.reward import QA_PROMPT, Rewarder
+from seal.stats import bootstrap_ci, paired_difference
+from seal.templates import render_chat
+from seal.ttt import (
+    BatchedTTT,
+    parallel_adapters,
+    tokenize_examples,
+    tokens_per_step,
+    ttt_lora_config,
+    wrap_for_adapters,
+)
+from seal.utils import bf16_supported, task_seed, write_json
+
+REFERENCE = TTTConfig(ttt_batch_size=1, ttt_lr_scheduler="linear", ttt_max_length=128)
+
+
+def matmul_peak() -> dict[str, float]:
+    """This CPU's dense matmul throughput (GFLOP/s), bf16 and fp32, on transformer-sized shapes."""
+    out = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        a, b = torch.randn(2048, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        start, n = time.perf_counter(), 20
+        for _ in range(n):
+            a @ b
+        out[name] = round(2 * 2048 * 576 * 1536 * n / (time.perf_counter() - start) / 1e9, 1)
+    return out
+
+
+def training_tokens(edits: list[SelfEdit], tokenizer, cfg: TTTConfig) -> int:
+    per_epoch = sum(
+        len(ids)
+        for e in edits
+        for ids, _ in tokenize_examples(e.examples, tokenizer, cfg.ttt_max_length, False)
+    )
+    return per_epoch * cfg.ttt_epochs
+
+
+def self_edits(path: Path, model_path: str, tokenizer, passages, num_self_edits: int) -> list[SelfEdit]:
+    """Sample (once; cached in `path`) self-edits with the recipe's generation settings."""
+    if path.exists():
+        return [SelfEdit.from_dict(json.loads(line)) for line in path.read_text().splitlines()]
+    cfg = GenerateConfig(num_self_edits=num_self_edits, max_new_tokens=192, include_passage=True)
+    generator = HFGenerator(load_model(path=model_path), tokenizer, batch_size=32)
+    edits = [e for per in generate_self_edits(generator, tokenizer, passages, cfg, seed=0) for e in per]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(e.to_dict()) + "\n" for e in edits))
+    return edits
+
+
+def reference(model_path: str, tokenizer, edits: list[SelfEdit], by_id, grader, reward_cfg) -> dict:
+    """SEAL-style: a fresh model, PEFT wrapper and SFTTrainer per self-edit; answers one at a time."""
+    accuracies, answers = [], []
+    start = time.perf_counter()
+    train_seconds = 0.0
+    for e in edits:
+        seed = task_seed("bench", e.passage_id, e.index)
+        model = load_model(model_path)
+        torch.manual_seed(seed)
+        model = get_peft_model(model, ttt_lora_config(REFERENCE))
+        data = Dataset.from_list([{"prompt": x.prompt, "completion": x.completion} for x in e.examples])
+        with tempfile.TemporaryDirectory() as tmp:
+            args = SFTConfig(
+                output_dir=tmp,
+                per_device_train_batch_size=1,
+                num_train_epochs=REFERENCE.ttt_epochs,
+                learning_rate=REFERENCE.ttt_learning_rate,
+                lr_scheduler_type="linear",
+                weight_decay=0.0,
+                max_length=REFERENCE.ttt_max_length,
+                completion_only_loss=False,  # loss on every token, as seal's ttt_loss=all
+                use_cpu=True,
+                bf16=bf16_supported(torch.device("cpu")),
+                save_strategy="no",
+                report_to=[],
+                logging_strategy="no",
+                disable_tqdm=True,
+                seed=seed,
+            )
+            t0 = time.perf_counter()
+            SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer).train()
+            train_seconds += time.perf_counter() - t0
+        model.eval()
+        passage = by_id[e.passage_id]
+        preds = []
+        for q in passage.questions:  # one question at a time, greedy
+            enc = tokenizer(
+                render_chat(tokenizer, QA_PROMPT.format(question=q.question)),
+                return_tensors="pt",
+                add_special_tokens=False,
+            )
+            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+                out = model.generate(
+                    **enc,
+                    do_sample=False,
+                    max_new_tokens=reward_cfg.answer_max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            preds.append(
+                tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+            )
+        grades = grader.grade(
+            [q.question for q in passage.questions], preds, [q.answers for q in passage.questions]
+        )
+        accuracies.append(sum(map(float, grades)) / len(grades))
+        answers.append(preds)
+        del model
+        gc.collect()
+    return {
+        "seconds": time.perf_counter() - start,
+        "train_seconds": train_seconds,
+        "accuracies": accuracies,
+        "answers": answers,
+    }
+
+
+def ours(model, tokenizer, edits: list[SelfEdit], by_id, grader, reward_cfg, cfg: TTTConfig) -> dict:
+    """seal's inner loop: BatchedTTT on chunks of K self-edits, then one batched answer pass per chunk."""
+    generator = HFGenerator(model, tokenizer, batch_size=256)
+    rewarder = Rewarder(generator, tokenizer, grader, reward_cfg)
+    batched = BatchedTTT(model, tokenizer, cfg)
+    k = parallel_adapters(model, cfg, tokens_per_step([e.examples for e in edits], tokenizer, cfg))
+    accuracies, answers = [], []
+    start = time.perf_counter()
+    train_seconds = 0.0
+    for c in range(0, len(edits), k):
+        chunk = edits[c : c + k]
+        t0 = time.perf_counter()
+        batched.apply([e.examples for e in chunk], [task_seed("bench", e.passage_id, e.index) for e in chunk])
+        train_seconds += time.perf_counter() - t0
+        generator.stack = batched.stack
+        scores = rewarder.score(
+            [by_id[e.passage_id] for e in chunk], [stack_adapter(i) for i in range(len(chunk))]
+        )
+        accuracies += [s.accuracy for s in scores]
+        answers += [s.answers for s in scores]
+    batched.stack.remove()
+    return {
+        "seconds": time.perf_counter() - start,
+        "train_seconds": train_seconds,
+        "accuracies": accuracies,
+        "answers": answers,
+        "parallel_adapters": k,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    parser.add_argument("--num_passages", type=int, default=8)
+    parser.add_argument("--num_self_edits", type=int, default=2)
+    parser.add_argument("--out", default="scripts/results/bench_ttt")
+    parser.add_argument("--skip_reference", action="store_true", help="reuse reference.json from --out")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    model_path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(model_path)
+    passages = load_passages("sample", "eval", limit=args.num_passages)
+    by_id = {p.id: p for p in passages}
+    edits = [
+        e for e in self_edits(out / "self_edits.jsonl", model_path, tokenizer, passages, args.num_self_edits)
+    ]
+    edits = [e for e in edits if e.status == "ok"]
+    grader, reward_cfg = make_grader("contains"), RewardConfig(answer_max_new_tokens=24)
+    questions = sum(len(by_id[e.passage_id].questions) for e in edits)
+    print(f"{len(edits)} self-edits, {questions} questions", flush=True)
+
+    peak = matmul_peak()
+    ref_path = out / "reference.json"
+    if args.skip_reference and ref_path.exists():
+        ref = json.loads(ref_path.read_text())
+    else:
+        ref = reference(model_path, tokenizer, edits, by_id, grader, reward_cfg)
+        write_json(ref_path, ref)
+    print(f"reference: {ref['seconds']:.0f} s", flush=True)
+
+    model = wrap_for_adapters(load_model(model_path), TTTConfig())
+    recipe = replace(REFERENCE, ttt_batch_size=8, ttt_lr_scheduler="constant")
+    runs = {"reference": (ref, REFERENCE)}
+    for name, cfg in (("seal same-hp", REFERENCE), ("seal recipe", recipe)):
+        runs[name] = (ours(model, tokenizer, edits, by_id, grader, reward_cfg, cfg), cfg)
+        print(f"{name}: {runs[name][0]['seconds']:.0f} s", flush=True)
+
+    n_params = sum(p.numel() for p in model.get_base_model().parameters())
+    rows = []
+    for name, (run, cfg) in runs.items():
+        tokens = training_tokens(edits, tokenizer, cfg)
+        tok_s = tokens / run["train_seconds"]
+        diff = paired_difference(ref["accuracies"], run["accuracies"]) if name != "reference" else None
+        rows.append(
+            {
+                "method": name,
+                "batch": cfg.ttt_batch_size,
+                "lr_schedule": cfg.ttt_lr_scheduler,
+                "evals_per_hour": round(len(edits) / run["seconds"] * 3600, 1),
+                "speedup": round(ref["seconds"] / run["seconds"], 2),
+                "seconds": round(run["seconds"], 1),
+                "train_tok_s": round(tok_s, 1),
+                # frozen base: forward 2N + backward (activations only) 2N FLOPs per token; LoRA excluded
+                "pct_bf16_peak": round(100 * 4 * n_params * tok_s / (peak["bf16"] * 1e9), 1),
+                "accuracy": bootstrap_ci(run["accuracies"]).to_dict(),
+                "delta_vs_reference": diff.to_dict() if diff else None,
+            }
+        )
+    result = {
+        "self_edits": len(edits),
+        "questions": questions,
+        "matmul_peak_gflops": peak,
+        "base_params": n_params,
+        "parallel_adapters": {k: v[0].get("parallel_adapters") for k, v in runs.items()},
+        "rows": rows,
+    }
+    write_json(out / "bench_ttt.json", result)
+    lines = [
+        f"{len(edits)} self-edits, {questions} questions; CPU matmul peak bf16 {peak['bf16']} GFLOP/s, "
+        f"fp32 {peak['fp32']} GFLOP/s",
+        "",
+        "| method | batch | lr | evals/hour | speed-up | train tok/s | % bf16 peak | accuracy (95% CI) "
+        "| Δ vs ref |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        acc, d = r["accuracy"], r["delta_vs_reference"]
+        delta = f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]" if d else "–"
+        lines.append(
+            f"| {r['method']} | {r['batch']} | {r['lr_schedule']} | {r['evals_per_hour']} "
+            f"| {r['speedup']}× | "
+            f"{r['train_tok_s']} | {r['pct_bf16_peak']} | {100 * acc['mean']:.1f} "
+            f"[{100 * acc['low']:.1f}, {100 * acc['high']:.1f}] | {delta} |"
+        )
+    (out / "bench_ttt.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

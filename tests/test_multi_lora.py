@@ -1,0 +1,208 @@
+"""Batched multi-adapter TTT (seal.multi_lora + seal.ttt.BatchedTTT) against PEFT, on tiny random models."""
+
+import pytest
+import torch
+from peft import PeftModel
+
+from seal.config import RewardConfig, TTTConfig
+from seal.data import QA, Passage
+from seal.generate import HFGenerator, Sampling
+from seal.generate.hf import stack_adapter
+from seal.graders import make_grader
+from seal.multi_lora import StackedLoRA, find_targets
+from seal.reward import Rewarder
+from seal.templates import TrainExample
+from seal.ttt import (
+    ADAPTER,
+    IGNORE_INDEX,
+    TTT,
+    BatchedTTT,
+    pack_sequences,
+    parallel_adapters,
+    wrap_for_adapters,
+)
+from tests.conftest import build_tiny_model
+
+JOBS = [
+    [
+        TrainExample("Zorvath\n", "Zorvath was founded in 1820 by Ilsa Marrow."),
+        TrainExample("", "Short one."),
+        TrainExample("", "The river Quell runs north of the old mill."),
+    ],
+    [TrainExample("", "Mirelda Fosk invented the glass harp in 1911.")],  # fewer steps: sits out the rest
+    [TrainExample("Q\n", "The capital of Brennmoor is Tal Asha."), TrainExample("", "x y z")],
+]
+SEEDS = [11, 22, 33]
+
+
+def config(**kw) -> TTTConfig:
+    base = dict(
+        ttt_lora_r=8,
+        ttt_lora_alpha=16,
+        ttt_learning_rate=5e-2,
+        ttt_epochs=4,
+        ttt_batch_size=2,
+        ttt_autocast="none",  # exact float32 comparison
+    )
+    return TTTConfig(**{**base, **kw})
+
+
+def peft_lora(model) -> dict[str, torch.Tensor]:
+    """The live `ttt` adapter, keyed like an exported PEFT state dict."""
+    return {
+        n.replace(f".{ADAPTER}", ""): p.detach().clone()
+        for n, p in model.named_parameters()
+        if f".{ADAPTER}." in n
+    }
+
+
+@pytest.mark.parametrize("scheduler", ["constant", "linear"])
+def test_batched_training_equals_training_each_adapter_alone(tokenizer, scheduler):
+    cfg = config(ttt_lr_scheduler=scheduler)
+    model = wrap_for_adapters(build_tiny_model(tokenizer), cfg)
+    sequential = TTT(model, tokenizer, cfg)
+    expected = []
+    for job, seed in zip(JOBS, SEEDS, strict=True):
+        losses = sequential.apply(job, seed)
+        expected.append((losses, peft_lora(model)))
+    batched = BatchedTTT(model, tokenizer, cfg, exact_peft_init=True)
+    got = batched.apply(JOBS, SEEDS)
+    for k, (losses, weights) in enumerate(expected):
+        assert got[k] == pytest.approx(losses, rel=1e-4, abs=1e-4)
+        exported = batched.stack.peft_state_dict(k)
+        assert exported.keys() == weights.keys()
+        for name, w in weights.items():
+            torch.testing.assert_close(exported[name], w, rtol=1e-3, atol=1e-4)
+    assert losses[-1] < losses[0]  # it did learn
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not any(p.requires_grad for p in batched.stack.parameters())
+
+
+def test_exported_adapters_load_in_peft_and_reproduce_the_batched_outputs(tokenizer, tmp_path):
+    cfg = config()
+    base = build_tiny_model(tokenizer)
+    batched = BatchedTTT(base, tokenizer, cfg)  # a plain model works too (no PEFT wrapper needed)
+    batched.apply(JOBS, SEEDS)
+    ids = tokenizer(["The capital of Brennmoor is", "Zorvath was"], return_tensors="pt", padding=True)
+    for k in range(len(JOBS)):
+        with torch.no_grad(), batched.stack.route([k, k]):  # two rows, each its own block of adapter k
+            ours = base(**ids).logits
+        path = batched.save(k, tmp_path / f"adapter-{k}")
+        assert (path / "adapter_model.safetensors").is_file() and (path / "adapter_config.json").is_file()
+        peft = PeftModel.from_pretrained(build_tiny_model(tokenizer), str(path)).eval()  # same base weights
+        with torch.no_grad():
+            theirs = peft(**ids).logits
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        plain = base(**ids).logits  # outside route() the hooks add nothing
+    assert not torch.allclose(plain, ours)
+
+
+def test_stacked_generation_matches_each_adapter_loaded_in_peft(tokenizer, tmp_path):
+    cfg = config()
+    model = wrap_for_adapters(build_tiny_model(tokenizer), cfg)
+    batched = BatchedTTT(model, tokenizer, cfg)
+    batched.apply(JOBS, SEEDS)
+    generator = HFGenerator(model, tokenizer, batch_size=4)
+    generator.stack = batched.stack
+    prompts = ["Zorvath was", "The capital of", "Mirelda", "x"]
+    adapters = [stack_adapter(0), stack_adapter(2), stack_adapter(1), stack_adapter(0)]
+    greedy = Sampling(max_new_tokens=6)
+    mixed = generator.generate(prompts, greedy, adapter=adapters)  # uneven groups, split over 2 calls
+    for k in range(len(JOBS)):
+        name = generator.add_adapter(str(batched.save(k, tmp_path / f"a{k}")))
+        for prompt, adapter, out in zip(prompts, adapters, mixed, strict=True):
+            if adapter == stack_adapter(k):
+                assert generator.generate([prompt], greedy, adapter=name) == [out]
+    base_only = generator.generate(prompts, greedy, adapter=None)
+    assert base_only != mixed
+
+
+def test_rewarder_scores_each_passage_with_its_own_adapter(tokenizer):
+    cfg = config()
+    model = wrap_for_adapters(build_tiny_model(tokenizer), cfg)
+    batched = BatchedTTT(model, tokenizer, cfg)
+    batched.apply(JOBS[:2], SEEDS[:2])
+    generator = HFGenerator(model, tokenizer)
+    generator.stack = batched.stack
+    rewarder = Rewarder(generator, tokenizer, make_grader("contains"), RewardConfig(answer_max_new_tokens=4))
+    passages = [
+        Passage("a", "A", "ctx", [QA("Who founded Zorvath?", ["Ilsa Marrow"])]),
+        Passage(
+            "b", "B", "ctx", [QA("Who invented the glass harp?", ["Mirelda Fosk"]), QA("When?", ["1911"])]
+        ),
+    ]
+    together = rewarder.score(passages, [stack_adapter(0), stack_adapter(1)])
+    alone = [rewarder.score([p], stack_adapter(k))[0] for k, p in enumerate(passages)]
+    assert [s.answers for s in together] == [s.answers for s in alone]
+    with pytest.raises(ValueError, match="2 passages"):
+        rewarder.score(passages, [stack_adapter(0)])
+
+
+def test_packing_keeps_sequences_apart_and_matches_padded_forward(tokenizer):
+    model = build_tiny_model(tokenizer)
+    seqs = [
+        [([5, 6, 7, 8], [5, 6, 7, 8]), ([9, 10], [IGNORE_INDEX, 10])],
+        [([11, 12, 13], [11, 12, 13])],
+    ]
+    batch = pack_sequences(seqs, pad_id=0, capacity=6, device=torch.device("cpu"))
+    rows, length = batch.input_ids.shape
+    assert rows == 2 and length <= 6
+    flat_ids = batch.input_ids.reshape(-1)
+    for g, group in enumerate(seqs):  # each group's listed tokens are exactly its sequences' tokens
+        listed = [int(flat_ids[t]) for t in batch.tokens[g] if t < rows * length]
+        assert sorted(listed) == sorted(t for ids, _ in group for t in ids)
+    assert int((batch.targets != IGNORE_INDEX).sum()) == 3 + 1 + 2  # shifted within sequences only
+    with torch.no_grad():
+        packed = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+        flat = packed.reshape(-1, packed.shape[-1])
+        for ids, _ in [s for group in seqs for s in group]:
+            alone = model(input_ids=torch.tensor([ids])).logits[0]
+            start = next(
+                r * length + c
+                for r in range(rows)
+                for c in range(length - len(ids) + 1)
+                if batch.input_ids[r, c : c + len(ids)].tolist() == ids and batch.position_ids[r, c] == 0
+            )
+            torch.testing.assert_close(flat[start : start + len(ids)], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_adapters_are_independent_parameter_groups(tokenizer):
+    cfg = config(ttt_epochs=2)
+    model = build_tiny_model(tokenizer)
+    batched = BatchedTTT(model, tokenizer, cfg)
+    batched.apply([JOBS[0], []], [1, 2])  # adapter 1 has nothing to learn: it must stay at its init
+    stack = batched.stack
+    assert all(b.abs().sum() == 0 for b in stack.lora_B[1]) and any(
+        b.abs().sum() > 0 for b in stack.lora_B[0]
+    )
+    fresh = StackedLoRA(
+        build_tiny_model(tokenizer), 1, cfg.ttt_lora_r, cfg.ttt_lora_alpha, cfg.ttt_target_modules
+    )
+    fresh.init_adapter(0, seed=2)
+    for a, b in zip(stack.lora_A[1], fresh.lora_A[0], strict=True):
+        assert torch.equal(a, b)  # same seed, same init, untouched by the other adapter's steps
+
+
+def test_route_validates_groups(tokenizer):
+    model = build_tiny_model(tokenizer)
+    stack = StackedLoRA(model, 2, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    assert len(stack.names) == 2 * model.config.num_hidden_layers
+    with pytest.raises(IndexError):
+        with stack.route([2]):
+            pass
+    ids = torch.tensor([[5, 6, 7]] * 3)
+    with pytest.raises(RuntimeError, match="cannot be split"), stack.route([0, 1]):
+        model(input_ids=ids)
+    with pytest.raises(ValueError, match="No Linear module"):
+        find_targets(model, ["nonexistent"])
+
+
+def test_parallel_adapters_from_memory(tokenizer):
+    model = build_tiny_model(tokenizer)
+    cfg = config()
+    assert parallel_adapters(model, config(ttt_parallel_adapters=3), 100) == 3
+    roomy = parallel_adapters(model, cfg, 100, available_bytes=2**34)
+    tight = parallel_adapters(model, cfg, 100, available_bytes=2**26)
+    assert 1 <= tight < roomy <= 64
+    assert parallel_adapters(model, cfg, 10**6, available_bytes=1) == 1
