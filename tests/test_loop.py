@@ -78,7 +78,10 @@ def run_two_rounds_on_engine(engine_cls, out_dir, monkeypatch, **overrides) -> l
     assert [s["self_edits"] for s in run(args)] == [2, 2]
     sampling_adapters = [adapter for n, adapter in calls if n == 2]  # self-edit sampling (n=num_self_edits)
     assert sampling_adapters[0] is None and sampling_adapters[1].startswith("generator-r0")  # the update
-    qa_adapters = [adapter for n, adapter in calls if n == 1 and adapter is not None]
+    qa_adapters = []  # TTT adapters answered with: one name per call, or one per prompt (batched TTT)
+    for n, adapter in calls:
+        if n == 1 and adapter is not None:
+            qa_adapters += [adapter] if isinstance(adapter, str) else sorted({a for a in adapter if a})
     assert len(qa_adapters) == len(set(qa_adapters)) >= 2  # every TTT adapter under a fresh name
     assert all(r["completion"].strip() for r in read_jsonl(out_dir / "round_1" / "self_edits.jsonl"))
     return calls
