@@ -7,7 +7,9 @@ Field names are unique across all of them, hence the `ttt_`, `reward_`, `filter_
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 TEMPLATES = ("implications", "rewrite", "self-qa", "custom")
 PARSERS = ("lines", "paragraphs", "qa", "whole")
@@ -260,3 +262,18 @@ class EvalConfig:
     eval_output_dir: str = field(default="runs/eval", metadata={"help": "Results, answers, plots, journal."})
     eval_seed: int = field(default=0, metadata={"help": "Seed of self-edit sampling and TTT."})
     eval_resume: bool = field(default=True, metadata={"help": "Continue from the output dir's journal."})
+
+
+def is_secret(field_name: str) -> bool:
+    """Credential fields (`hub_token`, ...) are never written to the run directory."""
+    return field_name == "token" or field_name.endswith("_token")
+
+
+def snapshot(args: Any) -> dict[str, dict[str, Any]]:
+    """A bundle of config dataclasses (SealArgs, EvalArgs) as {section: {field: value}}, without secrets."""
+    out = {}
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        d = value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
+        out[f.name] = {k: v for k, v in d.items() if not is_secret(k)}
+    return out

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from trl import ModelConfig
 
-from seal.config import EvalConfig, GenerateConfig, RewardConfig, TTTConfig, VLLMConfig
+from seal.config import EvalConfig, GenerateConfig, RewardConfig, TTTConfig, VLLMConfig, snapshot
 from seal.data import DataValidationError, Passage, load_passages
 from seal.generate import HFGenerator, SelfEdit, generate_self_edits, make_self_edits, select_backend
 from seal.graders import GRADER_NAMES, Grader
@@ -62,14 +62,7 @@ class EvalArgs:
     vllm: VLLMConfig = dataclasses.field(default_factory=VLLMConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            f.name: {
-                k: v
-                for k, v in dataclasses.asdict(getattr(self, f.name)).items()
-                if not (k == "token" or k.endswith("_token"))
-            }
-            for f in dataclasses.fields(self)
-        }
+        return snapshot(self)
 
 
 def completion_files(cfg: EvalConfig) -> dict[str, str]:

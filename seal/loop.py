@@ -33,6 +33,7 @@ from seal.config import (
     RewardConfig,
     TTTConfig,
     VLLMConfig,
+    snapshot,
 )
 from seal.data import Passage, load_passages
 from seal.filter import STRATEGIES, select
@@ -65,18 +66,7 @@ class SealArgs:
     vllm: VLLMConfig = dataclasses.field(default_factory=VLLMConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            d = value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
-            out[f.name] = {k: v for k, v in d.items() if not is_secret(k)}
-
-        return out
-
-
-def is_secret(field_name: str) -> bool:
-    """Credential fields (`hub_token`, ...) are never written to the run directory."""
-    return field_name == "token" or field_name.endswith("_token")
+        return snapshot(self)
 
 
 def check_args(args: SealArgs) -> None:

@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerBase
 
 from seal.config import RewardConfig
 from seal.data import Passage
-from seal.generate.base import Generator, Sampling
+from seal.generate.base import Generator, Sampling, per_prompt_adapters
 from seal.graders import Grader, make_grader
 from seal.templates import render_chat
 
@@ -75,12 +75,11 @@ class Rewarder:
         `adapter` names the model that answers: one for all passages, or one per passage (e.g. each
         passage's own TTT adapter, all answered in the same batch).
         """
-        if adapter is None or isinstance(adapter, str):
-            adapter = [adapter] * len(passages)
-        if len(adapter) != len(passages):
+        if adapter is not None and not isinstance(adapter, str) and len(adapter) != len(passages):
             raise ValueError(f"{len(adapter)} adapters for {len(passages)} passages")
         qas = [(p.id, q) for p in passages for q in p.questions]
-        per_question = [a for p, a in zip(passages, adapter, strict=True) for _ in p.questions]
+        per_passage = per_prompt_adapters(adapter, len(passages))
+        per_question = [a for p, a in zip(passages, per_passage, strict=True) for _ in p.questions]
         predictions = self.answer([q.question for _, q in qas], per_question)
         grades = self.grader.grade([q.question for _, q in qas], predictions, [q.answers for _, q in qas])
         out, i = [], 0

@@ -30,3 +30,11 @@ class Generator(Protocol):
     ) -> list[list[str]]:
         """Return `sampling.n` completions per prompt (new text only, special tokens removed)."""
         ...
+
+
+def per_prompt_adapters(adapter: str | None | Sequence[str | None], n: int) -> list[str | None]:
+    """`adapter` as one entry per prompt: one name (or None) for all n prompts, or a list of n names."""
+    adapters = [adapter] * n if adapter is None or isinstance(adapter, str) else list(adapter)
+    if len(adapters) != n:
+        raise ValueError(f"{len(adapters)} adapters for {n} prompts")
+    return adapters

@@ -11,7 +11,7 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from seal.generate.base import Sampling
+from seal.generate.base import Sampling, per_prompt_adapters
 from seal.multi_lora import StackedLoRA
 from seal.utils import autocast, model_device
 
@@ -72,9 +72,7 @@ class HFGenerator:
         """`adapter`: one name for all prompts or one per prompt; ``stack:<k>`` names a stacked adapter."""
         if isinstance(prompts, str):
             raise TypeError("prompts must be a sequence of strings, not a single string")
-        adapters = [adapter] * len(prompts) if adapter is None or isinstance(adapter, str) else list(adapter)
-        if len(adapters) != len(prompts):
-            raise ValueError(f"{len(adapters)} adapters for {len(prompts)} prompts")
+        adapters = per_prompt_adapters(adapter, len(prompts))
         results: dict[int, list[str]] = {}
         stacked = [i for i, a in enumerate(adapters) if a is not None and a.startswith(STACK_PREFIX)]
         if stacked:

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import count
 from typing import Any
 
-from seal.generate.base import Sampling
+from seal.generate.base import Sampling, per_prompt_adapters
 from seal.http import EndpointError, JSONClient, redact_url
 from seal.utils import task_seed
 
@@ -228,9 +228,7 @@ class ServerGenerator:
         """``sampling.n`` completions per rendered prompt; ``adapter``: one name for all or one per prompt."""
         if isinstance(prompts, str):
             raise TypeError("prompts must be a sequence of strings, not a single string")
-        adapters = [adapter] * len(prompts) if adapter is None or isinstance(adapter, str) else list(adapter)
-        if len(adapters) != len(prompts):
-            raise ValueError(f"{len(adapters)} adapters for {len(prompts)} prompts")
+        adapters = per_prompt_adapters(adapter, len(prompts))
         models = [self._model_for(a) for a in adapters]
         payloads = [
             {

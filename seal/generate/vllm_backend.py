@@ -14,7 +14,7 @@ from itertools import count
 
 from transformers import PreTrainedTokenizerBase
 
-from seal.generate.base import Sampling
+from seal.generate.base import Sampling, per_prompt_adapters
 from seal.utils import task_seed
 
 logger = logging.getLogger(__name__)
@@ -142,9 +142,7 @@ class VLLMGenerator:
         """`adapter` may be one name for all prompts or one per prompt (many adapters in one call)."""
         from vllm import SamplingParams
 
-        adapters = [adapter] * len(prompts) if adapter is None or isinstance(adapter, str) else list(adapter)
-        if len(adapters) != len(prompts):
-            raise ValueError(f"{len(adapters)} adapters for {len(prompts)} prompts")
+        adapters = per_prompt_adapters(adapter, len(prompts))
         base = [i for i, a in enumerate(adapters) if a is None]
         if base and len(base) < len(prompts):
             # vLLM 0.32's CPU LoRA kernels read "no adapter" (index -1) as the last adapter slot, so a base
