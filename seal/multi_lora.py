@@ -207,15 +207,6 @@ class StackedLoRA(nn.Module):
                 b.zero_()
         self.invalidate()
 
-    @torch.no_grad()
-    def load_adapter(self, k: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Set adapter k from ``{module path: (A (r, in), B (out, r))}``."""
-        for i, name in enumerate(self.names):
-            a, b = weights[name]
-            self.lora_A[k][i].copy_(a)
-            self.lora_B[k][i].copy_(b)
-        self.invalidate()
-
     # -- export -----------------------------------------------------------------------------------------
 
     def adapter_weights(self, k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
