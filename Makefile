@@ -2,10 +2,14 @@
 PYTHON ?= python3
 RECIPE ?= recipes/knowledge/smollm2-135m-cpu.yaml
 
-.PHONY: install demo test lint
+.PHONY: install test-deps demo test lint
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
+
+# System packages for the tests only (Debian's chromium + chromedriver for the review page's browser test).
+test-deps:
+	bash scripts/install_test_deps.sh
 
 # One real ReST-EM round of SEAL on the embedded model; prints the round table.
 demo: install
@@ -15,5 +19,5 @@ demo: install
 lint:
 	$(PYTHON) -m ruff check .
 
-test: install lint
+test: install test-deps lint
 	$(PYTHON) -m pytest -q

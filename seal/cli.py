@@ -1,4 +1,7 @@
-"""Command line: `seal knowledge --config recipe.yaml [--field value ...]`, also under accelerate launch."""
+"""Command line: `seal {knowledge,evaluate,push,review} ...`, recipes as `--config recipe.yaml [--field v]`.
+
+`seal knowledge` also runs under accelerate launch; `seal push` shares a finished run on the Hub (seal.hub).
+"""
 
 from __future__ import annotations
 
@@ -48,7 +51,21 @@ def evaluate(argv: list[str] | None = None) -> None:
     print(Path(args.eval.eval_output_dir, "results.md").read_text(), flush=True)
 
 
-COMMANDS = {"knowledge": knowledge, "evaluate": evaluate}
+def push(argv: list[str] | None = None) -> None:
+    """Share a finished run on the Hub: `seal push --config recipe.yaml --hub_model_id me/x [--dry_run]`."""
+    from seal.hub import push as push_run
+
+    push_run(parse_args(argv))
+
+
+def review(argv: list[str] | None = None) -> None:
+    """A round's review page, or import of its exported decisions: `seal review RUN_DIR [--decisions F]`."""
+    from seal.review import main as review_main
+
+    review_main(argv)
+
+
+COMMANDS = {"knowledge": knowledge, "evaluate": evaluate, "push": push, "review": review}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -210,6 +210,75 @@ class LoopConfig:
 
 
 @dataclass
+class ReviewConfig:
+    """A person's review of each round's self-edits between the filter and the update (seal/review.py)."""
+
+    review: bool = field(
+        default=False,
+        metadata={
+            "help": "Stop after each round's filter and write round_<r>/review.html (accept/reject per "
+            "self-edit, export of the decisions); once the round has decisions (seal review --decisions, or "
+            "review_decisions), a rerun trains the update only on the accepted self-edits."
+        },
+    )
+    review_decisions: str | None = field(
+        default=None,
+        metadata={
+            "help": "A decisions file exported from review.html: imported for the round it names, which must "
+            "be waiting for review (not part of the recipe: may change between reruns)."
+        },
+    )
+
+
+@dataclass
+class HubConfig:
+    """Sharing a run on the Hub (`seal push`, or at the end of a run with `push_to_hub: true`).
+
+    The repo and its visibility are TRL's own `SFTConfig` fields, read by seal's push (the update's
+    SFTTrainer never pushes): `push_to_hub` (push when the run ends), `hub_model_id` (the model repo),
+    `hub_private_repo` (create it private). `hub_token` is refused: the token comes only from the `HF_TOKEN`
+    environment variable or `hf auth login`, resolved by huggingface_hub, and is never written or logged.
+    """
+
+    hub_dataset_id: str | None = field(
+        default=None,
+        metadata={"help": "Dataset repo of the self-edits and rewards (default: <hub_model_id>-self-edits)."},
+    )
+    hub_push_dataset: bool = field(
+        default=True, metadata={"help": "Also push every round's self-edits with rewards as a dataset."}
+    )
+    hub_base_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "The base model's Hub id for the card and adapter_config.json (default: the embedded "
+            "model's, or model_name_or_path when it is a Hub id)."
+        },
+    )
+    hub_license: str | None = field(
+        default=None,
+        metadata={"help": "Licence id of the pushed model (default: the embedded base's; else required)."},
+    )
+    hub_dataset_license: str | None = field(
+        default=None,
+        metadata={"help": "Licence id of the self-edit dataset (sample data: mit; other data: required)."},
+    )
+    hub_eval_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "An evaluation's output dir (results.md, config.yaml) whose tables go into the model "
+            "card (default: <run>/eval if it exists)."
+        },
+    )
+    dry_run: bool = field(
+        default=False,
+        metadata={
+            "help": "Write exactly the folders that would be uploaded (<run>/hub/model, <run>/hub/dataset) "
+            "and upload nothing."
+        },
+    )
+
+
+@dataclass
 class EvalConfig:
     """The held-out QA evaluation (`eval/run_eval.py`): conditions x settings x graders on one QA set."""
 

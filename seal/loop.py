@@ -29,7 +29,9 @@ from seal.config import (
     DataConfig,
     FilterConfig,
     GenerateConfig,
+    HubConfig,
     LoopConfig,
+    ReviewConfig,
     RewardConfig,
     TTTConfig,
     VLLMConfig,
@@ -39,11 +41,14 @@ from seal.data import Passage, load_passages
 from seal.filter import STRATEGIES, select
 from seal.generate import HFGenerator, SelfEdit, generate_self_edits, select_backend
 from seal.graders import GRADER_NAMES
+from seal.hub import HUB_RESUMABLE, check_hub_args, push
 from seal.inner_loop import MODES, InnerLoop, Job
 from seal.journal import Journal
 from seal.models import load_model, load_tokenizer, resolve_model_path
+from seal.review import review_round
 from seal.reward import PassageScore, Rewarder, build_grader, reward
 from seal.templates import get_template
+from seal.tracking import RoundTracker
 from seal.ttt import wrap_for_adapters
 from seal.update import finished_update, update_generator
 from seal.utils import read_jsonl, task_seed, write_json, write_jsonl
@@ -64,6 +69,8 @@ class SealArgs:
     loop: LoopConfig
     sft: SFTConfig
     vllm: VLLMConfig = dataclasses.field(default_factory=VLLMConfig)
+    hub: HubConfig = dataclasses.field(default_factory=HubConfig)
+    review: ReviewConfig = dataclasses.field(default_factory=ReviewConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return snapshot(self)
@@ -73,6 +80,7 @@ def check_args(args: SealArgs) -> None:
     """Refuse an inconsistent recipe before loading anything."""
     get_template(args.generate)
     select_backend(args.generate.generator_backend)
+    check_hub_args(args, pushing=args.sft.push_to_hub)
     if args.reward.reward_grader not in GRADER_NAMES:
         raise ValueError(f"reward_grader must be one of {GRADER_NAMES}, got '{args.reward.reward_grader}'")
     if args.ttt.ttt_mode not in MODES:
@@ -93,6 +101,7 @@ def setup_run_dir(args: SealArgs) -> Path:
     snapshot = args.to_dict()
     for volatile in ("resume",):
         snapshot["loop"].pop(volatile, None)
+    snapshot.get("review", {}).pop("review_decisions", None)  # one round's file, not part of the recipe
     config_path = run_dir / "config.yaml"
     if config_path.exists():
         if not args.loop.resume:
@@ -105,7 +114,9 @@ def setup_run_dir(args: SealArgs) -> Path:
                 f"{section}.{k}"
                 for section, values in snapshot.items()
                 for k, v in values.items()
-                if previous.get(section, {}).get(k, v) != v and k not in ("logging_dir", "run_name")
+                if previous.get(section, {}).get(k, v) != v
+                and k not in ("logging_dir", "run_name", *HUB_RESUMABLE)
+                and section != "hub"  # where results are shared does not change them
             )
             if changed:
                 raise ValueError(
@@ -162,6 +173,7 @@ def run(
     run_dir = setup_run_dir(args)
     setup_logging(run_dir)
     logger.info("run dir %s: %d passages, %d rounds", run_dir, len(passages), args.loop.num_rounds)
+    tracker = RoundTracker.for_run(run_dir, args.sft)  # per-round metrics to report_to, and rounds.png
 
     # One base model for the whole run: TTT adapters come and go on it; the generator is it (+ an adapter).
     base_path = resolve_model_path(args.model.model_name_or_path, args.loop.model_cache_dir)
@@ -281,6 +293,10 @@ def run(
         for row in rows:
             row["kept"] = (row["passage_id"], row["index"]) in kept_ids
         write_jsonl(round_dir / "self_edits.jsonl", rows)
+        if args.review.review:  # a person accepts/rejects each self-edit; the update trains on the accepted
+            kept = review_round(round_dir, rows, args.review, by_id)
+            if kept is None:  # waiting for decisions: review.html is written, a rerun continues from here
+                break
         write_jsonl(round_dir / "kept.jsonl", kept)
 
         # 5. update: SFT the generator on the kept (prompt, self-edit) pairs; the next round samples from it.
@@ -306,14 +322,20 @@ def run(
         write_json(round_dir / "summary.json", summary)
         (round_dir / "summary.md").write_text(markdown_table([summary]) + "\n")
         summaries.append(summary)
+        tracker.update(summaries)
         logger.info("round %d done in %.1f min", r, summary["minutes"])
 
     if hasattr(engine, "close"):
         engine.close()
+    tracker.close()
+    if len(summaries) < args.loop.num_rounds:  # stopped for a review
+        return summaries
     table = markdown_table(summaries)
     (run_dir / "summary.md").write_text(table + "\n")
     write_json(run_dir / "summary.json", summaries)
     print(table, flush=True)
+    if args.sft.push_to_hub:
+        push(args)
     return summaries
 
 

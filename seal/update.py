@@ -78,7 +78,10 @@ def update_generator(
     tokenizer = load_tokenizer(base_path)
     tokenizer.padding_side = "right"
     model = load_model(base_path, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation)
-    args = dataclasses.replace(sft_args, output_dir=str(out_dir / "trainer"))
+    # seal pushes the finished run itself (seal.hub): the trainer never pushes, nor sees a token.
+    args = dataclasses.replace(
+        sft_args, output_dir=str(out_dir / "trainer"), push_to_hub=False, hub_token=None
+    )
     trainer = SFTTrainer(
         model=model,
         args=args,

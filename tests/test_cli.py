@@ -24,6 +24,8 @@ def test_cpu_recipe_parses_with_overrides():
         "loop",
         "sft",
         "vllm",
+        "hub",
+        "review",
     }
 
 

@@ -1,0 +1,119 @@
+"""The loop's per-round metrics to report_to trackers (TensorBoard and trackio, offline) and rounds.png."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from seal.loop import run
+from seal.tracking import RoundTracker, plot_rounds, round_metrics, tracker_names
+from tests.test_loop import tiny_args
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def summary(r: int, reward: float) -> dict:
+    return {
+        "round": r,
+        "passages": 2,
+        "self_edits": 4,
+        "parsed": 3,
+        "base_acc": 0.0,
+        "mean_adapted_acc": reward,
+        "best_of_k_acc": 2 * reward,
+        "mean_reward": reward,
+        "kept": 2,
+        "update_loss": None if r == 0 else 1.5,
+        "gen_s": 1.0,
+        "ttt_eval_s": 2.0,
+        "minutes": 0.1,
+    }
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under `log_dir`: {tag: [(step, value), ...]}."""
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_report_to_names():
+    assert tracker_names("none") == tracker_names([]) == tracker_names(None) == []
+    assert tracker_names(["tensorboard", "codecarbon", "tensorboard"]) == ["tensorboard"]  # HF-only: skipped
+    assert {"tensorboard", "trackio"} <= set(tracker_names("all"))
+    with pytest.raises(ValueError, match="'aim'.*not installed"):
+        tracker_names(["aim"])
+    metrics = round_metrics(summary(0, 0.25))
+    assert metrics["seal/mean_reward"] == 0.25 and metrics["seal/kept"] == 2
+    assert "seal/update_loss" not in metrics and "seal/round" not in metrics  # None, and the step itself
+
+
+def test_tensorboard_gets_one_step_per_round_once(tmp_path):
+    tracker = RoundTracker(tmp_path, ["tensorboard"])
+    tracker.update([summary(0, 0.1)])
+    tracker.update([summary(0, 0.1), summary(1, 0.3)])
+    tracker.close()
+    resumed = RoundTracker(tmp_path, ["tensorboard"])  # a rerun resumes: finished rounds are not logged again
+    resumed.update([summary(0, 0.1), summary(1, 0.3)])
+    resumed.close()
+    got = scalars(tmp_path / "tensorboard" / "loop")
+    assert got["seal/mean_reward"] == [(0, pytest.approx(0.1)), (1, pytest.approx(0.3))]
+    assert got["seal/best_of_k_acc"] == [(0, pytest.approx(0.2)), (1, pytest.approx(0.6))]
+    assert got["seal/update_loss"] == [(1, 1.5)]
+    assert (tmp_path / "round_1" / "tracked.json").is_file()
+    assert (tmp_path / "rounds.png").read_bytes().startswith(PNG)
+
+
+def test_none_logs_nothing_but_plots(tmp_path):
+    tracker = RoundTracker(tmp_path, "none")
+    tracker.update([summary(0, 0.1)])
+    tracker.close()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["rounds.png"]
+    plot_rounds([summary(r, 0.1 * r) for r in range(3)], tmp_path / "three.png")
+    assert (tmp_path / "three.png").read_bytes().startswith(PNG)
+
+
+def test_trackio_offline(tmp_path):
+    """trackio writes a local SQLite project (no server, no network); read back with trackio itself.
+
+    In a subprocess: trackio fixes its data directory (TRACKIO_DIR) when first imported.
+    """
+    rounds = json.dumps([summary(0, 0.1), summary(1, 0.3)])
+    script = textwrap.dedent(
+        f"""
+        import json
+        from seal.tracking import RoundTracker
+        from trackio.sqlite_storage import SQLiteStorage
+
+        tracker = RoundTracker({str(tmp_path / "run")!r}, ["trackio"], project="seal-test", run_name="demo")
+        tracker.update(json.loads({rounds!r}))
+        tracker.close()
+        logs = SQLiteStorage.get_logs("seal-test", "demo-loop")
+        print("LOGS", json.dumps([[row["step"], row["seal/mean_reward"], row["seal/kept"]] for row in logs]))
+        """
+    )
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (logs,) = [line[5:] for line in out.stdout.splitlines() if line.startswith("LOGS ")]
+    assert json.loads(logs) == [[0, 0.1, 2], [1, 0.3, 2]]
+    assert (tmp_path / "trackio" / "seal-test.db").is_file()  # local only
+
+
+def test_loop_and_update_report_to_tensorboard(tiny_model_path, tmp_path):
+    out = tmp_path / "run"
+    (first,) = run(tiny_args(tiny_model_path, out, num_rounds=1, report_to=["tensorboard"]))
+    loop_scalars = scalars(out / "tensorboard" / "loop")
+    assert loop_scalars["seal/mean_reward"] == [(0, pytest.approx(first["mean_reward"]))]
+    assert loop_scalars["seal/kept"] == [(0, first["kept"])]
+    assert loop_scalars["seal/update_loss"] == [(0, pytest.approx(first["update_loss"]))]
+    (update_dir,) = (out / "round_0" / "update" / "trainer" / "runs").iterdir()  # SFTTrainer's own events
+    assert "train/loss" in scalars(update_dir)
+    assert (out / "rounds.png").read_bytes().startswith(PNG) and (out / "round_0" / "tracked.json").is_file()
