@@ -234,12 +234,20 @@ class ReviewConfig:
 class HubConfig:
     """Sharing a run on the Hub (`seal push`, or at the end of a run with `push_to_hub: true`).
 
-    The repo and its visibility are TRL's own `SFTConfig` fields, read by seal's push (the update's
-    SFTTrainer never pushes): `push_to_hub` (push when the run ends), `hub_model_id` (the model repo),
-    `hub_private_repo` (create it private). `hub_token` is refused: the token comes only from the `HF_TOKEN`
-    environment variable or `hf auth login`, resolved by huggingface_hub, and is never written or logged.
+    The repo is named by TRL's own `SFTConfig` fields, read by seal's push (the update's SFTTrainer never
+    pushes): `push_to_hub` (push when the run ends), `hub_model_id` (the model repo); `hub_private` here (or
+    TRL's `hub_private_repo`) creates the repos private. `hub_token` is refused: the token comes only from
+    the `HF_TOKEN` environment variable or `hf auth login`, resolved by huggingface_hub, and is never written
+    or logged.
     """
 
+    hub_private: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Create the model and dataset repos private (default: TRL's hub_private_repo, else the "
+            "Hub's default); contradicting hub_private_repo is an error."
+        },
+    )
     hub_dataset_id: str | None = field(
         default=None,
         metadata={"help": "Dataset repo of the self-edits and rewards (default: <hub_model_id>-self-edits)."},

@@ -152,6 +152,14 @@ def _check_repo_id(field: str, repo_id: str) -> None:
         raise ValueError(f"{field} '{repo_id}' is not a Hub repo id (namespace/name): {e}") from None
 
 
+def private_repos(args: SealArgs) -> bool | None:
+    """`hub_private`, or TRL's `hub_private_repo` (either may be set; contradicting values are refused)."""
+    ours, trl = args.hub.hub_private, args.sft.hub_private_repo
+    if ours is not None and trl is not None and bool(ours) != bool(trl):
+        raise ValueError(f"hub_private ({ours}) and hub_private_repo ({trl}) disagree: set only one of them")
+    return ours if ours is not None else trl
+
+
 def check_hub_args(args: SealArgs, pushing: bool) -> None:
     """Refuse a token in the recipe always, and an incomplete push configuration before any work."""
     if args.sft.hub_token:
@@ -159,6 +167,7 @@ def check_hub_args(args: SealArgs, pushing: bool) -> None:
             "hub_token is not accepted: a recipe or command line ends up in files and logs. Set the HF_TOKEN "
             "environment variable or run `hf auth login`; huggingface_hub reads the token from there"
         )
+    private_repos(args)
     if not pushing:
         return
     if args.sft.hub_revision:
@@ -520,7 +529,7 @@ def push(args: SealArgs) -> HubFolders:
         print("dry run: nothing uploaded; a push uploads exactly these folders", flush=True)
         return folders
     run_name = Path(args.sft.output_dir).name
-    urls = upload(folders, args.sft.hub_private_repo, f"seal: {run_name}")
+    urls = upload(folders, private_repos(args), f"seal: {run_name}")
     for url in urls:
         print(f"pushed {url}", flush=True)
     return folders

@@ -167,7 +167,7 @@ def test_cards_carry_the_metadata_and_tables(run_args, tmp_path):
 
 def test_push_uploads_exactly_the_dry_run_folders(run_args, hubs, capsys, caplog):
     hub, other = hubs
-    run_args.sft.hub_private_repo = True
+    run_args.hub.hub_private = True  # the recipe field (TRL's hub_private_repo works too)
     dry = push(run_args)
     expected = {"model": files_of(dry.model), "dataset": files_of(dry.dataset)}
     run_args.hub.dry_run = False
@@ -211,6 +211,10 @@ def test_refusals_name_the_field_or_file(run_args, tmp_path, monkeypatch):
         with pytest.raises(error, match=match):
             push(run_args)
         setattr(getattr(run_args, section), key, previous)
+    run_args.hub.hub_private, run_args.sft.hub_private_repo = False, True
+    with pytest.raises(ValueError, match="hub_private.*hub_private_repo.*disagree"):
+        push(run_args)
+    run_args.hub.hub_private, run_args.sft.hub_private_repo = None, False
 
     run_dir = Path(run_args.sft.output_dir)
     assert read_run(run_dir).update_round == 1

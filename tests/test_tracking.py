@@ -1,4 +1,4 @@
-"""The loop's per-round metrics to report_to trackers (TensorBoard and trackio, offline) and rounds.png."""
+"""The loop's per-round metrics to report_to trackers (TensorBoard, trackio, wandb; offline), rounds.png."""
 
 import json
 import os
@@ -105,6 +105,70 @@ def test_trackio_offline(tmp_path):
     (logs,) = [line[5:] for line in out.stdout.splitlines() if line.startswith("LOGS ")]
     assert json.loads(logs) == [[0, 0.1, 2], [1, 0.3, 2]]
     assert (tmp_path / "trackio" / "seal-test.db").is_file()  # local only
+
+
+def wandb_history(run_file: Path) -> list[dict[str, object]]:
+    """The history rows of an offline W&B run, from its transaction log (`run-*.wandb`).
+
+    The file is a W&B header (7 bytes) then LevelDB log records (32 KiB blocks; each record a 7-byte
+    header: crc, length, type full/first/middle/last) holding wandb's own protobuf `Record`s.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, records, partial = run_file.read_bytes(), 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        partial = chunk if kind in (1, 2) else partial + chunk
+        if kind in (1, 4):
+            records.append(partial)
+    rows = []
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append(
+                {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.history.item
+                }
+            )
+    return rows
+
+
+def test_wandb_offline(tmp_path):
+    """wandb in offline mode (no account, no network): the run's history read back from its local file."""
+    pytest.importorskip("wandb")
+    rounds = json.dumps([summary(0, 0.1), summary(1, 0.3)])
+    script = textwrap.dedent(
+        f"""
+        import json
+        from seal.tracking import RoundTracker
+
+        tracker = RoundTracker({str(tmp_path / "run")!r}, ["wandb"], project="seal-test", run_name="demo")
+        tracker.update(json.loads({rounds!r}))
+        tracker.close()
+        """
+    )
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path / "wandb"),
+        "WANDB_SILENT": "true",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run_file,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*/run-*.wandb")
+    rows = wandb_history(run_file)
+    assert [(r["_step"], r["seal/mean_reward"], r["seal/kept"]) for r in rows] == [(0, 0.1, 2), (1, 0.3, 2)]
+    assert "seal/update_loss" not in rows[0] and rows[1]["seal/update_loss"] == 1.5
 
 
 def test_loop_and_update_report_to_tensorboard(tiny_model_path, tmp_path):
