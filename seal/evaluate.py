@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate import PartialState
 from trl import ModelConfig
 
 from seal.config import EvalConfig, GenerateConfig, RewardConfig, TTTConfig, VLLMConfig, snapshot
@@ -30,7 +31,7 @@ from seal.generate import HFGenerator, SelfEdit, generate_self_edits, make_self_
 from seal.graders import GRADER_NAMES, Grader
 from seal.inner_loop import MODES, InnerLoop, Job
 from seal.journal import Journal
-from seal.models import load_model, load_tokenizer, resolve_model_path
+from seal.models import load_model, load_tokenizer, quantization_config, resolve_model_path
 from seal.report import bar_chart, markdown_results
 from seal.reward import Rewarder, build_grader
 from seal.stats import bootstrap_ci, paired_difference
@@ -135,6 +136,11 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
     """Run every condition x setting; write results.{json,md}, plots and answers; return the results."""
     cfg, gen = args.eval, args.generate
     conditions = check_args(args)
+    if PartialState().num_processes > 1:  # each process would redo (and rewrite) the whole evaluation
+        raise NotImplementedError(
+            "The evaluation runs in one process (accelerate launch --num_processes 1); "
+            "only the ReST-EM loop (scripts/seal_knowledge.py) shards across processes."
+        )
     passages = load_passages(
         cfg.eval_dataset, cfg.eval_split, limit=cfg.eval_num_passages, max_questions=cfg.eval_max_questions
     )
@@ -148,7 +154,15 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
 
     base_path = resolve_model_path(args.model.model_name_or_path)
     tokenizer = load_tokenizer(base_path, revision=args.model.model_revision)
-    model = wrap_for_adapters(load_model(base_path, args.model.dtype, args.model.model_revision), args.ttt)
+    model = wrap_for_adapters(
+        load_model(
+            base_path,
+            args.model.dtype,
+            args.model.model_revision,
+            quantization_config=quantization_config(args.model),
+        ),
+        args.ttt,
+    )
     engine = HFGenerator(model, tokenizer, gen.generation_batch_size, args.ttt.ttt_autocast)
     if select_backend(gen.generator_backend) == "vllm":
         from seal.loop import vllm_engine  # the same engine settings as the ReST-EM loop

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,17 @@ Result = tuple[Job, list[float], list[PassageScore]]  # job, TTT loss per epoch,
 OnResult = Callable[[Job, list[float], list[PassageScore]], Any]
 
 
+def assign_chunks(chunks: Sequence[Sequence[int]], jobs: Sequence[Job], world_size: int) -> list[int]:
+    """The rank that runs each chunk: largest first to the least-loaded rank (LPT scheduling), the load
+    being the chunk's training sequences. Deterministic, so every rank computes the same assignment; the
+    chunks themselves are not changed, so results do not depend on the number of processes."""
+    load, owner = [0] * world_size, [0] * len(chunks)
+    for c in sorted(range(len(chunks)), key=lambda c: -sum(len(jobs[i].examples) for i in chunks[c])):
+        owner[c] = min(range(world_size), key=lambda r: load[r])
+        load[owner[c]] += sum(len(jobs[i].examples) for i in chunks[c])
+    return owner
+
+
 class InnerLoop:
     """Runs jobs through TTT + reward; `engine` answers (the HF generator on `model`, or vLLM)."""
 
@@ -71,11 +83,16 @@ class InnerLoop:
         """True when the engine generates with the very model TTT trains (no export needed)."""
         return isinstance(self.engine, HFGenerator) and self.engine.model is self.model
 
-    def chunk_size(self, jobs: Sequence[Job]) -> int:
+    def chunk_size(self, jobs: Sequence[Job], world_size: int = 1) -> int:
+        """K, the adapters trained together. Chosen from free memory (`ttt_parallel_adapters: 0`), it is
+        capped so that every one of `world_size` processes gets a chunk; a fixed K keeps the chunks, hence
+        the results, identical whatever the number of processes."""
         if self.cfg.ttt_mode == "sequential":
             return 1
         step_tokens = tokens_per_step([j.examples for j in jobs], self.tokenizer, self.cfg)
         k = parallel_adapters(self.model, self.cfg, step_tokens)
+        if self.cfg.ttt_parallel_adapters <= 0 and world_size > 1:
+            k = max(1, min(k, math.ceil(len(jobs) / world_size)))
         logger.info("TTT: %d adapters trained together (%s mode)", k, self.cfg.ttt_mode)
         return k
 
@@ -83,19 +100,29 @@ class InnerLoop:
         self,
         jobs: Sequence[Job],
         on_result: Callable[[Job, list[float], list[PassageScore]], Any] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> list[Result]:
-        """Train and score every job; `on_result` sees each result as soon as its chunk is done.
+        """Train and score jobs; `on_result` sees each result as soon as its chunk is done.
 
         Jobs are grouped by size (most training sequences first), so the adapters of a chunk finish at
-        about the same step instead of a few long ones running on after the rest. Results come back in
-        the order of `jobs`.
+        about the same step instead of a few long ones running on after the rest. With several processes
+        every rank computes the same chunks and runs every `world_size`-th of them (its shard); the results
+        of its own jobs come back, in the order of `jobs`.
         """
         results: dict[int, Result] = {}
-        k = self.chunk_size(jobs)
+        k = self.chunk_size(jobs, world_size)
         order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i].examples)) if k > 1 else range(len(jobs))
         order = list(order)
-        with tqdm(total=len(jobs), desc="TTT + reward", unit="eval") as bar:
-            for start in range(0, len(order), k):
+        chunks = [order[s : s + k] for s in range(0, len(order), k)]
+        starts = [c * k for c, owner in enumerate(assign_chunks(chunks, jobs, world_size)) if owner == rank]
+        with tqdm(
+            total=sum(len(order[s : s + k]) for s in starts),
+            desc="TTT + reward" if world_size == 1 else f"TTT + reward (rank {rank})",
+            unit="eval",
+            position=rank,
+        ) as bar:
+            for start in starts:
                 chunk = [jobs[i] for i in order[start : start + k]]
                 done = self._run_sequential(chunk[0]) if k == 1 else self._run_batched(chunk)
                 for i, result in zip(order[start : start + k], done, strict=True):
@@ -103,7 +130,7 @@ class InnerLoop:
                         on_result(*result)
                     results[i] = result
                 bar.update(len(chunk))
-        return [results[i] for i in range(len(jobs))]
+        return [results[i] for i in sorted(results)]
 
     def _run_sequential(self, job: Job) -> list[Result]:
         losses = self.sequential.apply(job.examples, job.seed)

@@ -12,17 +12,22 @@ and every stage's output to the run directory, so rerunning the same command res
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
 from trl import ModelConfig, SFTConfig
 
 from seal.config import (
@@ -44,7 +49,7 @@ from seal.graders import GRADER_NAMES
 from seal.hub import HUB_RESUMABLE, check_hub_args, push
 from seal.inner_loop import MODES, InnerLoop, Job
 from seal.journal import Journal
-from seal.models import load_model, load_tokenizer, resolve_model_path
+from seal.models import load_model, load_tokenizer, quantization_config, resolve_model_path
 from seal.review import review_round
 from seal.reward import PassageScore, Rewarder, build_grader, reward
 from seal.templates import get_template
@@ -79,7 +84,7 @@ class SealArgs:
 def check_args(args: SealArgs) -> None:
     """Refuse an inconsistent recipe before loading anything."""
     get_template(args.generate)
-    select_backend(args.generate.generator_backend)
+    engine_backend(args)
     check_hub_args(args, pushing=args.sft.push_to_hub)
     if args.reward.reward_grader not in GRADER_NAMES:
         raise ValueError(f"reward_grader must be one of {GRADER_NAMES}, got '{args.reward.reward_grader}'")
@@ -95,8 +100,11 @@ def check_args(args: SealArgs) -> None:
             raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def setup_run_dir(args: SealArgs) -> Path:
-    """Create the run directory, snapshot the recipe, and refuse to resume a run made with another recipe."""
+def setup_run_dir(args: SealArgs, main_process: bool = True) -> Path:
+    """Create the run directory, snapshot the recipe, and refuse to resume a run made with another recipe.
+
+    Every process checks (so all of them stop on a changed recipe); only the main process writes.
+    """
     run_dir = Path(args.sft.output_dir)
     snapshot = args.to_dict()
     for volatile in ("resume",):
@@ -104,11 +112,11 @@ def setup_run_dir(args: SealArgs) -> Path:
     snapshot.get("review", {}).pop("review_decisions", None)  # one round's file, not part of the recipe
     config_path = run_dir / "config.yaml"
     if config_path.exists():
-        if not args.loop.resume:
+        if not args.loop.resume and main_process:
             logger.info("resume=false: discarding the previous run in %s", run_dir)
-            for stale in [run_dir / "journal.jsonl", *run_dir.glob("round_*")]:
+            for stale in [*run_dir.glob("journal*.jsonl"), *run_dir.glob("round_*")]:
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        else:
+        elif args.loop.resume:
             previous = yaml.safe_load(config_path.read_text())
             changed = sorted(
                 f"{section}.{k}"
@@ -123,23 +131,27 @@ def setup_run_dir(args: SealArgs) -> Path:
                     f"{run_dir} holds a run made with a different recipe (changed: {', '.join(changed)}). "
                     "Use another output_dir, or --resume false to start over."
                 )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(yaml.safe_dump(snapshot, sort_keys=False))
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(yaml.safe_dump(snapshot, sort_keys=False))
     return run_dir
 
 
-def setup_logging(run_dir: Path) -> None:
+def setup_logging(run_dir: Path, rank: int = 0) -> None:
+    """Log to the run directory (`log.txt`; other ranks `log.rank<r>.txt`) and to stderr."""
     logger.setLevel(logging.INFO)
+    log_file = run_dir / ("log.txt" if rank == 0 else f"log.rank{rank}.txt")
     if not any(
-        isinstance(h, logging.FileHandler) and h.baseFilename == str(run_dir / "log.txt")
-        for h in logger.handlers
+        isinstance(h, logging.FileHandler) and h.baseFilename == str(log_file) for h in logger.handlers
     ):
-        handler = logging.FileHandler(run_dir / "log.txt")
+        handler = logging.FileHandler(log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
     if not any(type(h) is logging.StreamHandler for h in logger.handlers):
         stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(logging.Formatter("[seal] %(message)s"))
+        stream.setFormatter(
+            logging.Formatter("[seal] %(message)s" if rank == 0 else f"[seal:{rank}] %(message)s")
+        )
         logger.addHandler(stream)
 
 
@@ -156,11 +168,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def run(
     args: SealArgs, on_evaluation: Callable[[dict[str, Any]], None] | None = None
 ) -> list[dict[str, Any]]:
-    """Run `num_rounds` ReST-EM rounds; return one summary dict per round."""
-    from accelerate import PartialState
+    """Run `num_rounds` ReST-EM rounds; return one summary dict per round.
 
-    if PartialState().num_processes > 1:
-        raise NotImplementedError("Sharding the loop across processes is not implemented yet; run 1 process.")
+    Under `accelerate launch` with N processes, the main process samples the self-edits (one generator, so
+    the samples do not depend on N) and every process trains and rewards its shard of them; the results are
+    gathered, so all processes filter the same rows, and the update is TRL's distributed SFT.
+    """
+    state = PartialState()
+    rank, world, main = state.process_index, state.num_processes, state.is_main_process
     check_args(args)
     seed = args.sft.seed
     passages: list[Passage] = load_passages(  # validated before any model is loaded
@@ -170,23 +185,34 @@ def run(
         limit=args.data.num_passages,
         max_questions=args.data.max_questions_per_passage,
     )
-    run_dir = setup_run_dir(args)
-    setup_logging(run_dir)
-    logger.info("run dir %s: %d passages, %d rounds", run_dir, len(passages), args.loop.num_rounds)
-    tracker = RoundTracker.for_run(run_dir, args.sft)  # per-round metrics to report_to, and rounds.png
+    run_dir = setup_run_dir(args, main)
+    state.wait_for_everyone()
+    setup_logging(run_dir, rank)
+    logger.info(
+        "run dir %s: %d passages, %d rounds, %d process(es)",
+        *(run_dir, len(passages), args.loop.num_rounds, world),
+    )
+    tracker = RoundTracker.for_run(run_dir, args.sft) if main else None  # report_to, and rounds.png
 
     # One base model for the whole run: TTT adapters come and go on it; the generator is it (+ an adapter).
-    base_path = resolve_model_path(args.model.model_name_or_path, args.loop.model_cache_dir)
+    with state.main_process_first():  # the embedded model is converted (once) by the main process
+        base_path = resolve_model_path(args.model.model_name_or_path, args.loop.model_cache_dir)
     tokenizer = load_tokenizer(base_path, revision=args.model.model_revision)
     model = wrap_for_adapters(
-        load_model(base_path, args.model.dtype, args.model.model_revision, args.model.attn_implementation),
+        load_model(
+            base_path,
+            args.model.dtype,
+            args.model.model_revision,
+            args.model.attn_implementation,
+            quantization_config(args.model),
+        ),
         args.ttt,
     )
     hf = HFGenerator(model, tokenizer, args.generate.generation_batch_size, args.ttt.ttt_autocast)
     # The engine samples self-edits and answers questions: vLLM (adapters through LoRARequest) or HF itself.
     engine = (
         hf
-        if select_backend(args.generate.generator_backend) == "hf"
+        if engine_backend(args) == "hf"
         else vllm_engine(args.vllm, base_path, tokenizer, lora_rank(args), args.sft.seed)
     )
     judge, judge_tokenizer = engine, tokenizer  # a local judge is the base model unless judge_model is set
@@ -196,13 +222,16 @@ def run(
         judge = HFGenerator(load_model(judge_path), judge_tokenizer, args.reward.answer_batch_size)
     grader = build_grader(args.reward, judge, judge_tokenizer)
     rewarder = Rewarder(engine, tokenizer, grader, args.reward, args.generate.use_chat_template)
-    journal = Journal(run_dir / "journal.jsonl")
+    journal = Journal(run_dir / "journal.jsonl", rank=rank if world > 1 else None)
     by_id = {p.id: p for p in passages}
 
     # Baseline: the base model answers every passage's questions without the passage (once per run).
     if journal.get("baseline") is None:
-        scores = rewarder.score(passages, adapter=None)
-        journal.append(("baseline",), scores={s.passage_id: s.to_dict() for s in scores})
+        record = None
+        if main:
+            scores = rewarder.score(passages, adapter=None)
+            record = journal.append(("baseline",), scores={s.passage_id: s.to_dict() for s in scores})
+        journal.merge(broadcast_object_list([record]))
     baseline = {pid: s["accuracy"] for pid, s in journal.get("baseline")["scores"].items()}
 
     generator, adapter = engine, None  # round 0 samples from the base model itself
@@ -214,6 +243,8 @@ def run(
         gen_path = round_dir / "generations.jsonl"
         if gen_path.exists():
             edits = [SelfEdit.from_dict(d) for d in read_jsonl(gen_path)]
+        elif not main:  # the main process samples; the others get its self-edits
+            edits = [SelfEdit.from_dict(d) for d in broadcast_object_list([None])[0]]
         else:
             logger.info(
                 "round %d: sampling %d self-edits for %d passages",
@@ -221,37 +252,45 @@ def run(
                 args.generate.num_self_edits,
                 len(passages),
             )
-            nested = generate_self_edits(
-                generator, tokenizer, passages, args.generate, task_seed(seed, "gen", r), adapter
-            )
+            with all_cpu_threads(world > 1):  # the other processes wait for the broadcast meanwhile
+                nested = generate_self_edits(
+                    generator, tokenizer, passages, args.generate, task_seed(seed, "gen", r), adapter
+                )
             edits = [e for per_passage in nested for e in per_passage]
             write_jsonl(gen_path, [e.to_dict() for e in edits])
+            if world > 1:
+                broadcast_object_list([[e.to_dict() for e in edits]])
         t_gen = time.time() - t0
 
         # 2-3. apply each self-edit with a fresh LoRA, then reward the adapted model (journaled one by one;
         #      in batched mode many self-edits are trained and answered together).
-        jobs, keys = [], {}
+        jobs, keys, done_here = [], {}, []
         for edit in edits:
             for rep in range(args.reward.reward_repeats):
                 key = ("eval", r, edit.passage_id, edit.index, rep)
                 if journal.get(*key) is not None:
                     continue
                 if edit.status != "ok":  # empty/unparseable: reward 0, logged at parse time, never trained
-                    record = journal.append(
-                        key, status=edit.status, losses=[], accuracy=0.0, answers=[], scores=[]
-                    )
-                    if on_evaluation is not None:
-                        on_evaluation(record)
+                    if main:
+                        record = journal.append(
+                            key, status=edit.status, losses=[], accuracy=0.0, answers=[], scores=[]
+                        )
+                        done_here.append(record)
+                        if on_evaluation is not None:
+                            on_evaluation(record)
                     continue
                 name = f"{edit.passage_id}-{edit.index}-{rep}"
                 keys[name] = key
                 ttt_seed = task_seed(seed, "ttt", r, edit.passage_id, edit.index, rep)
                 jobs.append(Job(name, edit.examples, [by_id[edit.passage_id]], ttt_seed))
 
-        def finished(job: Job, losses: list[float], scores: list[PassageScore], keys=keys) -> None:
+        def finished(
+            job: Job, losses: list[float], scores: list[PassageScore], keys=keys, done_here=done_here
+        ) -> None:
             key = keys[job.name]
             score = scores[0]
             record = journal.append(key, status="ok", seed=job.seed, losses=losses, **score.to_dict())
+            done_here.append(record)
             logger.info(
                 "round %d passage %s self-edit %d repeat %d: accuracy %.2f (base %.2f), final loss %.3f",
                 *key[1:],
@@ -264,7 +303,9 @@ def run(
 
         if jobs:
             inner = InnerLoop(model, tokenizer, args.ttt, rewarder, round_dir / "adapters")
-            inner.run(jobs, finished)
+            inner.run(jobs, finished, rank, world)
+        if world > 1:  # every process gets every evaluation (each journaled its own in its own file)
+            journal.merge(r for records in gather_object([done_here]) for r in records)
         t_eval = time.time() - t0 - t_gen
 
         # Rewards per self-edit, averaged over TTT repeats.
@@ -292,12 +333,15 @@ def run(
         kept_ids = {(k["passage_id"], k["index"]) for k in kept}
         for row in rows:
             row["kept"] = (row["passage_id"], row["index"]) in kept_ids
-        write_jsonl(round_dir / "self_edits.jsonl", rows)
+        if main:
+            write_jsonl(round_dir / "self_edits.jsonl", rows)
         if args.review.review:  # a person accepts/rejects each self-edit; the update trains on the accepted
-            kept = review_round(round_dir, rows, args.review, by_id)
+            kept = review_round(round_dir, rows, args.review, by_id) if main else None
+            kept = broadcast_object_list([kept])[0] if world > 1 else kept
             if kept is None:  # waiting for decisions: review.html is written, a rerun continues from here
                 break
-        write_jsonl(round_dir / "kept.jsonl", kept)
+        if main:
+            write_jsonl(round_dir / "kept.jsonl", kept)
 
         # 5. update: SFT the generator on the kept (prompt, self-edit) pairs; the next round samples from it.
         update = finished_update(round_dir / "update")
@@ -318,15 +362,18 @@ def run(
         if update is not None and r + 1 < args.loop.num_rounds:
             generator, adapter = load_generator(update, engine, r, args, tokenizer)
 
-        summary = round_summary(r, passages, rows, kept, update, t_gen, t_eval, time.time() - t0)
-        write_json(round_dir / "summary.json", summary)
-        (round_dir / "summary.md").write_text(markdown_table([summary]) + "\n")
+        summary = round_summary(r, passages, rows, kept, update, t_gen, t_eval, time.time() - t0, world)
         summaries.append(summary)
-        tracker.update(summaries)
+        if main:
+            write_json(round_dir / "summary.json", summary)
+            (round_dir / "summary.md").write_text(markdown_table([summary]) + "\n")
+            tracker.update(summaries)
         logger.info("round %d done in %.1f min", r, summary["minutes"])
 
     if hasattr(engine, "close"):
         engine.close()
+    if not main:  # the main process reports
+        return summaries
     tracker.close()
     if len(summaries) < args.loop.num_rounds:  # stopped for a review
         return summaries
@@ -355,6 +402,33 @@ def load_generator(
             "(update_merge: false, use_peft: true), or serve the new weights and rerun"
         )
     return vllm_engine(args.vllm, update["path"], tokenizer, lora_rank(args), args.sft.seed), None
+
+
+@contextlib.contextmanager
+def all_cpu_threads(enabled: bool) -> Iterator[None]:
+    """Let this process's CPU work use every core while it runs alone (accelerate launch gives each of N
+    processes OMP_NUM_THREADS=1; the others are idle while the main process samples)."""
+    before = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(max(before, len(os.sched_getaffinity(0))))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def engine_backend(args: SealArgs) -> str:
+    """hf or vllm. A quantized (QLoRA) base is served by HF transformers, which runs the 4-bit weights TTT
+    trains on; `auto` picks it, an explicit `vllm` is refused."""
+    backend = select_backend(args.generate.generator_backend)
+    if args.model.load_in_4bit or args.model.load_in_8bit:
+        if args.generate.generator_backend == "vllm":
+            raise ValueError(
+                "generator_backend: vllm cannot serve the bitsandbytes-quantized base that TTT trains on "
+                "(load_in_4bit / load_in_8bit): use generator_backend: hf (or auto)"
+            )
+        return "hf"
+    return backend
 
 
 def lora_rank(args: SealArgs) -> int:
@@ -403,6 +477,7 @@ def round_summary(
     t_gen: float,
     t_eval: float,
     total: float,
+    world_size: int = 1,
 ) -> dict[str, Any]:
     ok = [row for row in rows if row["status"] == "ok"]
     best: dict[str, float] = {}
@@ -423,4 +498,5 @@ def round_summary(
         "gen_s": round(t_gen, 1),
         "ttt_eval_s": round(t_eval, 1),
         "minutes": round(total / 60, 2),
+        "processes": world_size,
     }

@@ -11,12 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from trl import ModelConfig, get_quantization_config
 
 logger = logging.getLogger(__name__)
 
@@ -139,10 +142,20 @@ def load_model(
         dtype=torch_dtype(dtype),
         attn_implementation=attn_implementation,
         quantization_config=quantization_config,
+        # quantized weights are placed while loading, on this process's device
+        device_map={"": PartialState().device} if quantization_config is not None else None,
         use_safetensors=True,
         trust_remote_code=False,
     )
     if torch.cuda.is_available() and quantization_config is None:
-        model = model.to("cuda")
+        model = model.to(PartialState().device)  # this process's GPU under accelerate launch
     model.eval()
     return model
+
+
+def quantization_config(model_args: ModelConfig) -> BitsAndBytesConfig | None:
+    """QLoRA: TRL's bitsandbytes config for `load_in_4bit` / `load_in_8bit` (nf4 by default), else None."""
+    config = get_quantization_config(model_args)
+    if config is not None and importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError("load_in_4bit / load_in_8bit need bitsandbytes: pip install 'seal[qlora]'")
+    return config

@@ -17,7 +17,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
-from seal.models import load_model, load_tokenizer
+from seal.models import load_model, load_tokenizer, quantization_config
 from seal.utils import write_json
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,12 @@ def update_generator(
     out_dir = Path(out_dir)
     tokenizer = load_tokenizer(base_path)
     tokenizer.padding_side = "right"
-    model = load_model(base_path, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation)
+    model = load_model(
+        base_path,
+        dtype=model_args.dtype,
+        attn_implementation=model_args.attn_implementation,
+        quantization_config=quantization_config(model_args),  # QLoRA: the adapter trains on a 4-bit base
+    )
     # seal pushes the finished run itself (seal.hub): the trainer never pushes, nor sees a token.
     args = dataclasses.replace(
         sft_args, output_dir=str(out_dir / "trainer"), push_to_hub=False, hub_token=None
@@ -89,23 +94,29 @@ def update_generator(
         processing_class=tokenizer,
         peft_config=update_lora_config(model_args),
     )
-    result = trainer.train()
+    result = trainer.train()  # under accelerate launch: TRL's distributed SFT (DDP / FSDP / DeepSpeed)
     weights = out_dir / "generator"
-    trained = trainer.model
     kind = "adapter" if model_args.use_peft and not merge else "model"
-    if model_args.use_peft and merge:
-        trained = trained.merge_and_unload()
-    trained.save_pretrained(weights, safe_serialization=True)
-    if kind == "model":
-        tokenizer.padding_side = "left"
-        tokenizer.save_pretrained(weights)
     record = {
         "kind": kind,
         "path": str(weights),
         "train_loss": result.training_loss,
         "num_examples": len(kept),
     }
-    write_json(out_dir / DONE, record)
+    accelerator = trainer.accelerator
+    # Gathers the full state dict on the main process (sharded FSDP / ZeRO-3 parameters included).
+    state_dict = accelerator.get_state_dict(trainer.model_wrapped)
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(trainer.model_wrapped)
+        if model_args.use_peft and merge:
+            trained = trained.merge_and_unload()
+            state_dict = None
+        trained.save_pretrained(weights, state_dict=state_dict, safe_serialization=True)
+        if kind == "model":
+            tokenizer.padding_side = "left"
+            tokenizer.save_pretrained(weights)
+        write_json(out_dir / DONE, record)
+    accelerator.wait_for_everyone()  # every process reads the new generator next
     logger.info(
         "update: %s trained on %d self-edits (loss %.4f) -> %s",
         kind,
