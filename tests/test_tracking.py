@@ -143,7 +143,6 @@ def wandb_history(run_file: Path) -> list[dict[str, object]]:
 
 def test_wandb_offline(tmp_path):
     """wandb in offline mode (no account, no network): the run's history read back from its local file."""
-    pytest.importorskip("wandb")
     rounds = json.dumps([summary(0, 0.1), summary(1, 0.3)])
     script = textwrap.dedent(
         f"""
