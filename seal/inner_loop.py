@@ -107,25 +107,28 @@ class InnerLoop:
 
         Jobs are grouped by size (most training sequences first), so the adapters of a chunk finish at
         about the same step instead of a few long ones running on after the rest. With several processes
-        every rank computes the same chunks and runs every `world_size`-th of them (its shard); the results
+        every rank computes the same chunks and runs its share of them (:func:`assign_chunks`); the results
         of its own jobs come back, in the order of `jobs`.
         """
         results: dict[int, Result] = {}
         k = self.chunk_size(jobs, world_size)
         order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i].examples)) if k > 1 else range(len(jobs))
-        order = list(order)
-        chunks = [order[s : s + k] for s in range(0, len(order), k)]
-        starts = [c * k for c, owner in enumerate(assign_chunks(chunks, jobs, world_size)) if owner == rank]
+        chunks = [list(order[s : s + k]) for s in range(0, len(jobs), k)]
+        mine = [
+            c
+            for c, owner in zip(chunks, assign_chunks(chunks, jobs, world_size), strict=True)
+            if owner == rank
+        ]
         with tqdm(
-            total=sum(len(order[s : s + k]) for s in starts),
+            total=sum(map(len, mine)),
             desc="TTT + reward" if world_size == 1 else f"TTT + reward (rank {rank})",
             unit="eval",
             position=rank,
         ) as bar:
-            for start in starts:
-                chunk = [jobs[i] for i in order[start : start + k]]
+            for indices in mine:
+                chunk = [jobs[i] for i in indices]
                 done = self._run_sequential(chunk[0]) if k == 1 else self._run_batched(chunk)
-                for i, result in zip(order[start : start + k], done, strict=True):
+                for i, result in zip(indices, done, strict=True):
                     if on_result is not None:
                         on_result(*result)
                     results[i] = result

@@ -112,11 +112,7 @@ def setup_run_dir(args: SealArgs, main_process: bool = True) -> Path:
     snapshot.get("review", {}).pop("review_decisions", None)  # one round's file, not part of the recipe
     config_path = run_dir / "config.yaml"
     if config_path.exists():
-        if not args.loop.resume and main_process:
-            logger.info("resume=false: discarding the previous run in %s", run_dir)
-            for stale in [*run_dir.glob("journal*.jsonl"), *run_dir.glob("round_*")]:
-                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        elif args.loop.resume:
+        if args.loop.resume:
             previous = yaml.safe_load(config_path.read_text())
             changed = sorted(
                 f"{section}.{k}"
@@ -131,6 +127,10 @@ def setup_run_dir(args: SealArgs, main_process: bool = True) -> Path:
                     f"{run_dir} holds a run made with a different recipe (changed: {', '.join(changed)}). "
                     "Use another output_dir, or --resume false to start over."
                 )
+        elif main_process:
+            logger.info("resume=false: discarding the previous run in %s", run_dir)
+            for stale in [*run_dir.glob("journal*.jsonl"), *run_dir.glob("round_*")]:
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path.write_text(yaml.safe_dump(snapshot, sort_keys=False))

@@ -360,9 +360,9 @@ def _load_json(path: Path) -> Any:
         raise ReviewError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
 
 
-def file_round(path: str | Path) -> int | None:
-    """The round a decisions file names (None: a bare list or no `round` field)."""
-    data = _load_json(Path(path))
+def file_round(path: str | Path, data: Any = None) -> int | None:
+    """The round a decisions file names (None: a bare list or no `round` field); `data`: its parsed JSON."""
+    data = _load_json(Path(path)) if data is None else data
     if isinstance(data, dict) and "round" in data:
         value = data["round"]
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -385,7 +385,7 @@ def read_decisions(
     if isinstance(data, dict):
         if "decisions" not in data:
             raise ReviewError(f"{path}: field 'decisions' is missing (expected a list of decision records)")
-        named = file_round(path)
+        named = file_round(path, data)
         if round_index is not None and named is not None and named != round_index:
             raise ReviewError(
                 f"{path}: field 'round': the file is for round {named}, not round {round_index}"

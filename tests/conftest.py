@@ -41,12 +41,14 @@ def tokenizer(embedded_path):
     return load_tokenizer(embedded_path)
 
 
-def build_tiny_model(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+def build_tiny_model(
+    tokenizer, seed: int = 0, hidden_size: int = 32, intermediate_size: int = 64
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

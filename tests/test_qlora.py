@@ -13,8 +13,10 @@ from seal.models import load_model, quantization_config
 from seal.templates import TrainExample
 from seal.ttt import TTT, BatchedTTT, wrap_for_adapters
 from seal.update import update_generator
+from tests.conftest import build_tiny_model
 
-QLORA = ModelConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", dtype="bfloat16")
+QLORA_FIELDS = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "dtype": "bfloat16"}
+QLORA = ModelConfig(**QLORA_FIELDS)
 CFG = TTTConfig(ttt_lora_r=4, ttt_lora_alpha=8, ttt_epochs=6, ttt_batch_size=2, ttt_learning_rate=3e-3)
 FACTS = [TrainExample("Fact:\n", t) for t in ("The Orvel bridge is blue.", "Maru Pell was born in 1911.")]
 
@@ -22,24 +24,10 @@ FACTS = [TrainExample("Fact:\n", t) for t in ("The Orvel bridge is blue.", "Maru
 @pytest.fixture(scope="module")
 def qlora_model_path(tmp_path_factory, tokenizer) -> str:
     """A small random Llama whose matrices span whole 4-bit quantization blocks (64 values)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
     path = tmp_path_factory.mktemp("qlora-llama")
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    build_tiny_model(tokenizer, hidden_size=128, intermediate_size=256).save_pretrained(
+        path, safe_serialization=True
+    )
     tokenizer.save_pretrained(path)
     return str(path)
 
@@ -98,8 +86,6 @@ def test_update_step_trains_a_qlora_adapter(qlora_model_path, tmp_path):
     adapted = PeftModel.from_pretrained(four_bit(qlora_model_path), record["path"])
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in adapted.named_parameters())
 
-
-QLORA_FIELDS = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "dtype": "bfloat16"}
 
 
 def test_quantized_base_is_served_by_hf(tmp_path):

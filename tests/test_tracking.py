@@ -78,31 +78,43 @@ def test_none_logs_nothing_but_plots(tmp_path):
     assert (tmp_path / "three.png").read_bytes().startswith(PNG)
 
 
-def test_trackio_offline(tmp_path):
-    """trackio writes a local SQLite project (no server, no network); read back with trackio itself.
-
-    In a subprocess: trackio fixes its data directory (TRACKIO_DIR) when first imported.
-    """
+def track_two_rounds_in_subprocess(tmp_path: Path, tracker: str, env: dict[str, str], then: str = "") -> str:
+    """Log two rounds to `tracker` in a fresh interpreter (trackers fix their directories on import), run
+    the code `then` after closing it, and return its stdout."""
     rounds = json.dumps([summary(0, 0.1), summary(1, 0.3)])
     script = textwrap.dedent(
         f"""
         import json
         from seal.tracking import RoundTracker
-        from trackio.sqlite_storage import SQLiteStorage
 
-        tracker = RoundTracker({str(tmp_path / "run")!r}, ["trackio"], project="seal-test", run_name="demo")
+        tracker = RoundTracker({str(tmp_path / "run")!r}, [{tracker!r}], project="seal-test", run_name="demo")
         tracker.update(json.loads({rounds!r}))
         tracker.close()
+        """
+    ) + textwrap.dedent(then)
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_trackio_offline(tmp_path):
+    """trackio writes a local SQLite project (no server, no network); read back with trackio itself."""
+    env = {"TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1"}
+    read_back = """
+        from trackio.sqlite_storage import SQLiteStorage
+
         logs = SQLiteStorage.get_logs("seal-test", "demo-loop")
         print("LOGS", json.dumps([[row["step"], row["seal/mean_reward"], row["seal/kept"]] for row in logs]))
         """
-    )
-    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    (logs,) = [line[5:] for line in out.stdout.splitlines() if line.startswith("LOGS ")]
+    stdout = track_two_rounds_in_subprocess(tmp_path, "trackio", env, read_back)
+    (logs,) = [line[5:] for line in stdout.splitlines() if line.startswith("LOGS ")]
     assert json.loads(logs) == [[0, 0.1, 2], [1, 0.3, 2]]
     assert (tmp_path / "trackio" / "seal-test.db").is_file()  # local only
 
@@ -143,27 +155,8 @@ def wandb_history(run_file: Path) -> list[dict[str, object]]:
 
 def test_wandb_offline(tmp_path):
     """wandb in offline mode (no account, no network): the run's history read back from its local file."""
-    rounds = json.dumps([summary(0, 0.1), summary(1, 0.3)])
-    script = textwrap.dedent(
-        f"""
-        import json
-        from seal.tracking import RoundTracker
-
-        tracker = RoundTracker({str(tmp_path / "run")!r}, ["wandb"], project="seal-test", run_name="demo")
-        tracker.update(json.loads({rounds!r}))
-        tracker.close()
-        """
-    )
-    env = {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "WANDB_DIR": str(tmp_path / "wandb"),
-        "WANDB_SILENT": "true",
-    }
-    out = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb"), "WANDB_SILENT": "true"}
+    track_two_rounds_in_subprocess(tmp_path, "wandb", env)
     (run_file,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*/run-*.wandb")
     rows = wandb_history(run_file)
     assert [(r["_step"], r["seal/mean_reward"], r["seal/kept"]) for r in rows] == [(0, 0.1, 2), (1, 0.3, 2)]
