@@ -4,9 +4,13 @@ Why not PEFT: PEFT refuses batches that mix adapters in training mode, and train
 another leaves a small model's matmuls too small to keep the CPU (or a GPU) busy. Here each adapter k has
 its own LoRA parameters ``A_k`` (r, in) and ``B_k`` (out, r) per target Linear, and a forward hook adds
 ``scaling * x A_k^T B_k^T`` to adapter k's tokens: the participating adapters' weights are stacked so the
-LoRA products of all of them are two batched matmuls. Because every adapter owns its parameters, a standard
-optimizer with one parameter group per adapter gives each its own learning rate and step count, and an
-adapter that sits a step out (no gradient) is left untouched, exactly as if it were trained alone.
+LoRA products of all of them are two grouped matmuls. In training the batch is packed sorted by adapter
+(:func:`seal.ttt.pack_sequences`), so adapter k's tokens are one contiguous run and ``torch._grouped_mm``
+multiplies each run by its own weights with no gathering, scattering or padding; in generation the batch is
+equal blocks of rows and a batched matmul does it. Because every adapter owns its parameters (one flat
+tensor each), a standard optimizer with one parameter group per adapter gives each its own learning rate
+and step count, and an adapter that sits a step out (no gradient) is left untouched, exactly as if it were
+trained alone.
 
 The hooks sit on the base ``nn.Linear`` modules (inside PEFT's LoRA layers when the model is a PeftModel),
 so PEFT adapters on the same model keep working; outside :meth:`StackedLoRA.route` the hooks add nothing.
@@ -49,11 +53,35 @@ def find_targets(model: nn.Module, target_modules: Sequence[str]) -> dict[str, n
     return targets
 
 
+def grouped_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``x[s:e] @ a[g].T @ b[g].T`` for each run ``s:e`` of rows ending at ``offsets[g]``: (T, out).
+
+    `x` (T, in) lists each group's rows in one contiguous run, `a` (G, r, in), `b` (G, out, r),
+    `offsets` (G,) int32 run ends with ``offsets[-1] == T``. ``torch._grouped_mm`` does every group's
+    product in one kernel, with neither gathering the rows nor padding them to a common length; where it
+    cannot run (strides not 16-byte multiples, GPUs before sm90) one matmul pair per group does the same.
+    """
+    size = x.element_size()
+    aligned = all(n * size % 16 == 0 for n in (x.shape[-1], a.shape[1], b.shape[1]))
+    fast = x.device.type == "cpu" or (
+        x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability() >= (9, 0)
+    )
+    if aligned and fast:
+        xa = torch._grouped_mm(x, a.transpose(1, 2), offs=offsets)
+        return torch._grouped_mm(xa, b.transpose(1, 2), offs=offsets)
+    ends = offsets.tolist()
+    starts = [0, *ends[:-1]]
+    return torch.cat([x[s:e] @ a[g].T @ b[g].T for g, (s, e) in enumerate(zip(starts, ends, strict=True))])
+
+
 class StackedLoRA(nn.Module):
     """K LoRA adapters of rank r on the same target modules of one frozen model.
 
     ``lora_A[k][i]`` (r, in) and ``lora_B[k][i]`` (out, r) are adapter k's weights on the i-th target
-    module; its effective weight there is ``W + scaling * B @ A``, as in PEFT.
+    module; its effective weight there is ``W + scaling * B @ A``, as in PEFT. Each adapter's weights live
+    in one flat parameter, ``weights[k]``, of which these matrices are views: the optimizer and gradient
+    clipping then handle one tensor per adapter instead of two per module (420 on SmolLM2), which is most
+    of their per-step cost when there are many adapters.
     """
 
     def __init__(
@@ -73,101 +101,118 @@ class StackedLoRA(nn.Module):
         self.targets = find_targets(model, target_modules)
         self.names = list(self.targets)
         device = next(iter(self.targets.values())).weight.device
-
-        def zeros(*shape: int) -> nn.Parameter:
-            return nn.Parameter(torch.zeros(*shape, device=device, dtype=dtype))
-
         modules = list(self.targets.values())
-        self.lora_A = nn.ModuleList(
-            nn.ParameterList(zeros(r, m.in_features) for m in modules) for _ in range(num_adapters)
-        )
-        self.lora_B = nn.ModuleList(
-            nn.ParameterList(zeros(m.out_features, r) for m in modules) for _ in range(num_adapters)
+        self._shapes = [shape for m in modules for shape in ((r, m.in_features), (m.out_features, r))]
+        self._sizes = [rows * cols for rows, cols in self._shapes]
+        size = sum(self._sizes)
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.zeros(size, device=device, dtype=dtype)) for _ in range(num_adapters)
         )
         self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._groups: list[int] | None = None
-        self._tokens: torch.Tensor | None = None
+        self._offsets: torch.Tensor | None = None
+        self._views: dict[int, list[torch.Tensor]] = {}
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._last_input: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self._handles = [module.register_forward_hook(self._make_hook(i)) for i, module in enumerate(modules)]
+
+    def views(self, k: int) -> list[torch.Tensor]:
+        """Adapter k's matrices ``[A_0, B_0, A_1, B_1, ...]``, views of ``weights[k]`` (one split: in
+        backward their gradients are concatenated into the flat gradient at once)."""
+        pieces = self.weights[k].split(self._sizes)
+        return [piece.view(shape) for piece, shape in zip(pieces, self._shapes, strict=True)]
+
+    @property
+    def lora_A(self) -> list[list[torch.Tensor]]:
+        return [self.views(k)[0::2] for k in range(self.num_adapters)]
+
+    @property
+    def lora_B(self) -> list[list[torch.Tensor]]:
+        return [self.views(k)[1::2] for k in range(self.num_adapters)]
 
     def adapter_parameters(self, k: int) -> list[nn.Parameter]:
         """Adapter k's parameters (one optimizer parameter group per adapter)."""
-        return [*self.lora_A[k], *self.lora_B[k]]
+        return [self.weights[k]]
 
     def invalidate(self) -> None:
         """Forget the stacked copies used without gradients (call after the weights change)."""
         self._cache.clear()
 
-    def _stacked(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Module i's weights of the routed adapters, stacked: (G, r, in) and (G, out, r).
+    def _stacked(self, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Module i's weights of the routed adapters, stacked and cast to `dtype`: (G, r, in) and
+        (G, out, r), the latter already multiplied by ``scaling`` (cheaper than scaling every token).
 
         With gradients they are stacked anew (autograd routes each slice's gradient to its adapter's
-        parameters). Without (generation, many forward calls per batch) the stack is cached, cast once to
-        the autocast dtype.
+        parameters). Without (generation, many forward calls per batch) the stack is cached.
         """
         groups = self._groups
-        if torch.is_grad_enabled():
-            a = torch.stack([self.lora_A[k][i] for k in groups])
-            b = torch.stack([self.lora_B[k][i] for k in groups])
-            return a, b
-        device = x.device.type
-        dtype = (
-            torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.lora_A[0][i].dtype
-        )
         key = (i, tuple(groups), dtype)
-        if key not in self._cache:
-            a = torch.stack([self.lora_A[k][i] for k in groups]).to(dtype)
-            b = torch.stack([self.lora_B[k][i] for k in groups]).to(dtype)
-            self._cache[key] = (a, b)
+        if torch.is_grad_enabled() or key not in self._cache:
+            views = [self._views[k] for k in groups]
+            a = torch.stack([v[2 * i] for v in views]).to(dtype)
+            b = (torch.stack([v[2 * i + 1] for v in views]) * self.scaling).to(dtype)
+            if not torch.is_grad_enabled():
+                self._cache[key] = (a, b)
+            return a, b
         return self._cache[key]
+
+    def _cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`x` in `dtype`, cast once for consecutive modules that read the same input (q/k/v, gate/up)."""
+        version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
+        last = self._last_input
+        if last is not None and last[0] is x and last[1] == version and last[2].dtype == dtype:
+            return last[2]
+        cast = x.to(dtype)
+        self._last_input = (x, version, cast)
+        return cast
 
     def _make_hook(self, i: int):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
             if self._groups is None:
                 return output
             x = inputs[0]
-            a, b = self._stacked(i, x)
-            groups = len(self._groups)
-            if self._tokens is None:  # equal blocks of rows
+            device = x.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else output.dtype
+            a, b = self._stacked(i, dtype)
+            x = self.dropout(self._cast(x, dtype))
+            if self._offsets is None:  # equal blocks of rows, block g for adapter g
+                groups = len(self._groups)
                 if x.shape[0] % groups:
                     raise RuntimeError(f"{x.shape[0]} rows cannot be split into {groups} adapter groups")
                 xg = x.reshape(groups, -1, x.shape[-1])
-            else:  # packed: gather each adapter's tokens (the extra zero row stands for padding)
-                flat = x.reshape(-1, x.shape[-1])
-                xg = torch.cat([flat, flat.new_zeros(1, flat.shape[-1])])[self._tokens]
-            delta = torch.bmm(torch.bmm(self.dropout(xg.to(a.dtype)), a.transpose(1, 2)), b.transpose(1, 2))
-            delta = (self.scaling * delta).to(output.dtype)
-            if self._tokens is None:
-                return output + delta.reshape(output.shape)
-            out = output.reshape(-1, output.shape[-1])
-            out = torch.cat([out, out.new_zeros(1, out.shape[-1])])
-            out = out.index_add(0, self._tokens.reshape(-1), delta.reshape(-1, delta.shape[-1]))
-            return out[:-1].reshape(output.shape)
+                delta = torch.bmm(torch.bmm(xg, a.transpose(1, 2)), b.transpose(1, 2))
+            else:  # packed, tokens sorted by adapter: adapter g owns one contiguous run of rows
+                delta = grouped_lora(x.reshape(-1, x.shape[-1]), a, b, self._offsets)
+            # in place: a Linear's backward does not need its output
+            return output.add_(delta.reshape(output.shape).to(output.dtype))
 
         return hook
 
     @contextlib.contextmanager
     def route(
-        self, groups: Sequence[int] | torch.Tensor, tokens: torch.Tensor | None = None
+        self, groups: Sequence[int] | torch.Tensor, offsets: torch.Tensor | None = None
     ) -> Iterator[None]:
         """Apply adapters ``groups[g]`` (g = 0..G-1) to the batch inside this context.
 
-        Without `tokens` the batch is G equal blocks of rows, block g for adapter groups[g] (generation).
-        With `tokens`, a (G, T) tensor of positions in the flattened batch (``row * seq_len + col``), adapter
-        groups[g] acts on the tokens listed in ``tokens[g]``; entries equal to the number of tokens in the
-        batch are padding (packed training, see :func:`seal.ttt.pack_sequences`).
+        Without `offsets` the batch is G equal blocks of rows, block g for adapter groups[g] (generation).
+        With `offsets`, a (G,) tensor of run ends, the flattened batch (``row * seq_len + col``) is sorted by
+        adapter: adapter groups[g] acts on positions ``offsets[g-1]`` (0 for g = 0) to ``offsets[g]``, and
+        ``offsets[-1]`` is the number of tokens in the batch (packed training, see
+        :func:`seal.ttt.pack_sequences`).
         """
         groups = [int(g) for g in groups]
         if not groups or min(groups) < 0 or max(groups) >= self.num_adapters:
             raise IndexError(f"adapter indices must be in [0, {self.num_adapters}), got {groups}")
-        if tokens is not None and tokens.shape[0] != len(groups):
-            raise ValueError(f"tokens has {tokens.shape[0]} groups, expected {len(groups)}")
-        device = self.lora_A[0][0].device
-        self._groups, self._tokens = groups, None if tokens is None else tokens.to(device)
+        if offsets is not None and offsets.shape != (len(groups),):
+            raise ValueError(f"offsets has shape {tuple(offsets.shape)}, expected ({len(groups)},)")
+        device = self.weights[0].device
+        self._groups = groups
+        self._offsets = None if offsets is None else offsets.to(device=device, dtype=torch.int32)
+        self._views = {k: self.views(k) for k in set(groups)}
         try:
             yield
         finally:
-            self._groups, self._tokens = None, None
+            self._groups, self._offsets, self._last_input, self._views = None, None, None, {}
 
     def remove(self) -> None:
         """Detach the hooks: the model is exactly the base model again."""
@@ -192,15 +237,17 @@ class StackedLoRA(nn.Module):
             peft_model.add_adapter(INIT_ADAPTER, config)
             try:
                 modules = dict(peft_model.named_modules())
+                views = self.views(k)
                 for i, name in enumerate(self.names):
                     layer = modules[name]
-                    self.lora_A[k][i].copy_(layer.lora_A[INIT_ADAPTER].weight)
-                    self.lora_B[k][i].copy_(layer.lora_B[INIT_ADAPTER].weight)
+                    views[2 * i].copy_(layer.lora_A[INIT_ADAPTER].weight)
+                    views[2 * i + 1].copy_(layer.lora_B[INIT_ADAPTER].weight)
             finally:
                 peft_model.delete_adapter(INIT_ADAPTER)
         else:
             gen = torch.Generator(device="cpu").manual_seed(seed)
-            for a, b in zip(self.lora_A[k], self.lora_B[k], strict=True):
+            views = self.views(k)
+            for a, b in zip(views[0::2], views[1::2], strict=True):
                 weight = torch.empty(a.shape, dtype=torch.float32)
                 bound = 1 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=sqrt(5)) on an (r, in) matrix
                 a.copy_(weight.uniform_(-bound, bound, generator=gen))
@@ -210,8 +257,8 @@ class StackedLoRA(nn.Module):
     # -- export -----------------------------------------------------------------------------------------
 
     def adapter_weights(self, k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        pairs = zip(self.lora_A[k], self.lora_B[k], strict=True)
-        return {name: (a.detach(), b.detach()) for name, (a, b) in zip(self.names, pairs, strict=True)}
+        views = [v.detach() for v in self.views(k)]
+        return {name: (views[2 * i], views[2 * i + 1]) for i, name in enumerate(self.names)}
 
     def peft_state_dict(self, k: int) -> dict[str, torch.Tensor]:
         """Adapter k with PEFT's saved key names (``base_model.model.<module>.lora_A.weight``)."""

@@ -18,19 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seal.config import TTTConfig
+from seal.losses import IGNORE_INDEX, grouped_linear_cross_entropy, grouped_loss
 from seal.multi_lora import StackedLoRA, find_targets
 from seal.templates import TrainExample
 from seal.utils import attention_implementation, autocast, model_device
 
 ADAPTER = "ttt"
-IGNORE_INDEX = -100
+# Logit transforms some architectures apply after their output layer (the fused loss then does not apply).
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 PACK_LENGTH = 256  # tokens per packed training row (batched TTT); attention cost grows with its square
 
 
@@ -278,6 +279,7 @@ class BatchedTTT:
         was_training = self.model.training
         self.model.train()
         peft_off = self.model.disable_adapter() if peft_model is not None else contextlib.nullcontext()
+        split = decoder_and_head(self.model)  # None: logits need more than a Linear; compute them whole
         # On CPU, eager attention trains short sequences ~10% faster than SDPA's flash kernel (measured on
         # SmolLM2-135M, 16 x 36 tokens: its backward dominates); GPUs keep the model's own choice.
         with peft_off, attention_implementation(self.model, "eager" if device.type == "cpu" else None):
@@ -289,11 +291,22 @@ class BatchedTTT:
                     PACK_LENGTH,
                     device,
                 )
-                with stack.route(active, batch.tokens), autocast(device, self.cfg.ttt_autocast):
-                    logits = self.model(
-                        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
-                    ).logits
-                per_adapter = grouped_loss(logits, batch.targets, batch.token_group, len(active))
+                with stack.route(active, batch.offsets), autocast(device, self.cfg.ttt_autocast):
+                    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
+                    if split is None:
+                        logits = self.model(**inputs, use_cache=False).logits
+                        per_adapter = grouped_loss(logits, batch.targets, batch.token_group, len(active))
+                    else:
+                        decoder, head = split
+                        hidden = decoder(**inputs, use_cache=False).last_hidden_state
+                        dtype = (
+                            torch.get_autocast_dtype(device.type)
+                            if torch.is_autocast_enabled(device.type)
+                            else hidden.dtype
+                        )
+                        per_adapter = grouped_linear_cross_entropy(
+                            hidden, head, batch.targets, batch.token_group, len(active), dtype
+                        )
                 per_adapter.sum().backward()  # no shared parameters: each adapter gets its own gradient
                 for k in active:  # adapters sitting this step out have no gradient: AdamW skips them
                     factor = lr_factor(self.cfg.ttt_lr_scheduler, step, len(plans[k]))
@@ -334,18 +347,21 @@ class BatchedTTT:
 
 @dataclass
 class PackedBatch:
-    """Sequences of several adapters packed into rows without padding between them.
+    """Sequences of several adapters packed into rows without padding between them, sorted by adapter.
 
     Each row holds whole sequences back to back; ``position_ids`` restart at 0 for every sequence, which is
     how transformers recognises packed sequences and keeps attention within each one (no attention mask
-    is passed). ``targets`` are next-token labels already shifted within each sequence.
+    is passed). Read row after row, the batch lists group 0's sequences, then group 1's, and so on, so
+    each group's tokens are one contiguous run of the flattened batch, ending at ``offsets[g]`` (the
+    padding at a row's end joins the run it follows; it is its own sequence and has no target).
+    ``targets`` are next-token labels already shifted within each sequence.
     """
 
     input_ids: torch.Tensor  # (rows, length)
     position_ids: torch.Tensor  # (rows, length)
     targets: torch.Tensor  # (rows * length,), IGNORE_INDEX where there is nothing to predict
     token_group: torch.Tensor  # (rows * length,), the group of each position, -1 for padding
-    tokens: torch.Tensor  # (groups, max tokens per group): flat positions, padded with rows * length
+    offsets: torch.Tensor  # (groups,) int32: where each group's run ends in the flattened batch
 
 
 def pack_sequences(
@@ -354,29 +370,24 @@ def pack_sequences(
     capacity: int,
     device: torch.device,
 ) -> PackedBatch:
-    """Pack every group's (input_ids, labels) sequences into rows of at most `capacity` tokens.
+    """Pack every group's (input_ids, labels) sequences, in group order, into rows of at most `capacity`.
 
-    First-fit decreasing bin packing; a row is never split across a sequence. Padding exists only at the
-    end of rows, so the base model computes (almost) no wasted tokens.
+    A sequence is never split across rows. The rows are as few as `capacity` allows in this order and as
+    even as possible, so padding (only at row ends) is small; a sequence longer than `capacity` gets a row
+    of its own length.
     """
     items = [(g, ids, labels) for g, seqs in enumerate(groups) for ids, labels in seqs]
+    if not items:
+        raise ValueError("nothing to pack: every group is empty")
     lengths = [len(ids) for _, ids, _ in items]
-    # As few rows as `capacity` allows, then rows of balanced length (no long tail of padding).
-    n_rows = math.ceil(sum(lengths) / capacity)
-    cap = max(max(lengths), math.ceil(sum(lengths) / n_rows))
-    while True:
-        rows, free = first_fit_decreasing(lengths, cap)
-        if len(rows) <= n_rows or cap >= capacity:
-            break
-        cap = min(capacity, math.ceil(cap * 1.05) + 1)
-    capacity = cap
-    length = max(capacity - f for f in free)
+    rows = balanced_rows(lengths, capacity)
+    length = max(sum(lengths[i] for i in row) for row in rows)
     total = len(rows) * length
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), length), dtype=torch.long)
     targets = torch.full((total,), IGNORE_INDEX, dtype=torch.long)
     token_group = torch.full((total,), -1, dtype=torch.long)
-    per_group: list[list[int]] = [[] for _ in groups]
+    first = [total] * len(groups)  # where each group's run starts
     for r, members in enumerate(rows):
         col = 0
         for i in members:
@@ -386,35 +397,47 @@ def pack_sequences(
             position_ids[r, col : col + n] = torch.arange(n)
             targets[start : start + n - 1] = torch.tensor(labels[1:], dtype=torch.long)
             token_group[start : start + n] = g
-            per_group[g].extend(range(start, start + n))
+            first[g] = min(first[g], start)
             col += n
         position_ids[r, col:] = torch.arange(length - col)  # padding: its own "sequence", no loss
-    width = max(len(p) for p in per_group)
-    tokens = torch.full((len(groups), width), total, dtype=torch.long)
-    for g, positions in enumerate(per_group):
-        tokens[g, : len(positions)] = torch.tensor(positions, dtype=torch.long)
+    # group g's run ends where the next non-empty group's begins; an empty group has an empty run
+    ends = [total] * len(groups)
+    for g in range(len(groups) - 2, -1, -1):
+        ends[g] = first[g + 1] if first[g + 1] < total else ends[g + 1]
     return PackedBatch(
         input_ids.to(device),
         position_ids.to(device),
         targets.to(device),
         token_group.to(device),
-        tokens.to(device),
+        torch.tensor(ends, dtype=torch.int32, device=device),
     )
 
 
-def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> tuple[list[list[int]], list[int]]:
-    """Bin-pack items (by length, longest first) into rows of `capacity`; returns rows and free space."""
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        row = next((r for r, space in enumerate(free) if space >= lengths[i]), None)
-        if row is None:
-            rows.append([])
-            free.append(max(capacity, lengths[i]))
-            row = len(rows) - 1
-        rows[row].append(i)
-        free[row] -= lengths[i]
-    return rows, free
+def balanced_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Split items 0..n-1, in order, into consecutive rows: as few as `capacity` allows, then the smallest
+    longest row with that count (binary search on the row limit; next-fit is optimal for a fixed order)."""
+
+    def next_fit(limit: int) -> list[list[int]]:
+        rows: list[list[int]] = []
+        fill = 0
+        for i, n in enumerate(lengths):
+            if not rows or fill + n > limit:
+                rows.append([])
+                fill = 0
+            rows[-1].append(i)
+            fill += n
+        return rows
+
+    capacity = max(capacity, max(lengths))
+    count = len(next_fit(capacity))
+    low, high = max(max(lengths), math.ceil(sum(lengths) / count)), capacity
+    while low < high:
+        mid = (low + high) // 2
+        if len(next_fit(mid)) <= count:
+            high = mid
+        else:
+            low = mid + 1
+    return next_fit(low)
 
 
 @torch.no_grad()
@@ -426,22 +449,17 @@ def clip_per_adapter(groups: Sequence[Sequence[torch.Tensor]], max_norm: float) 
     torch._foreach_mul_(grads, [c for c, group in zip(coefs, groups, strict=True) for _ in group])
 
 
-def grouped_loss(
-    logits: torch.Tensor, targets: torch.Tensor, token_group: torch.Tensor, groups: int
-) -> torch.Tensor:
-    """Cross-entropy averaged over each group's own labelled tokens: a (groups,) tensor.
-
-    Each entry equals the loss transformers computes for that group's sequences alone (mean over their
-    non-ignored next-token targets), so each adapter's gradient is what training it alone would give.
-    """
-    token_loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    counted = (targets != IGNORE_INDEX) & (token_group >= 0)
-    index = token_group.clamp(min=0)
-    sums = token_loss.new_zeros(groups).index_add(0, index, token_loss * counted)
-    counts = token_loss.new_zeros(groups).index_add(0, index, counted.to(token_loss.dtype))
-    return sums / counts.clamp(min=1)
+def decoder_and_head(model: PreTrainedModel | PeftModel) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """The decoder stack and output Linear of a causal LM whose logits are ``head(decoder(...))``, or None
+    when the architecture transforms its logits further (soft-capping, scaling) or has no such split."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    head = base.get_output_embeddings()
+    decoder = base.get_decoder()
+    if not isinstance(head, torch.nn.Linear) or decoder is base:
+        return None
+    if any(getattr(base.config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
+        return None
+    return decoder, head
 
 
 def tokens_per_step(

@@ -9,7 +9,7 @@ from seal.data import QA, Passage
 from seal.generate import HFGenerator, Sampling
 from seal.generate.hf import stack_adapter
 from seal.graders import make_grader
-from seal.multi_lora import StackedLoRA, find_targets
+from seal.multi_lora import StackedLoRA, find_targets, grouped_lora
 from seal.reward import Rewarder
 from seal.templates import TrainExample
 from seal.ttt import (
@@ -17,6 +17,7 @@ from seal.ttt import (
     IGNORE_INDEX,
     TTT,
     BatchedTTT,
+    balanced_rows,
     pack_sequences,
     parallel_adapters,
     wrap_for_adapters,
@@ -148,10 +149,13 @@ def test_packing_keeps_sequences_apart_and_matches_padded_forward(tokenizer):
     batch = pack_sequences(seqs, pad_id=0, capacity=6, device=torch.device("cpu"))
     rows, length = batch.input_ids.shape
     assert rows == 2 and length <= 6
-    flat_ids = batch.input_ids.reshape(-1)
-    for g, group in enumerate(seqs):  # each group's listed tokens are exactly its sequences' tokens
-        listed = [int(flat_ids[t]) for t in batch.tokens[g] if t < rows * length]
+    flat_ids, ends = batch.input_ids.reshape(-1), batch.offsets.tolist()
+    assert ends[-1] == rows * length and batch.offsets.dtype == torch.int32
+    for g, group in enumerate(seqs):  # each group's run holds exactly its sequences' tokens (+ padding)
+        run = range(ends[g - 1] if g else 0, ends[g])
+        listed = [int(flat_ids[t]) for t in run if batch.token_group[t] == g]
         assert sorted(listed) == sorted(t for ids, _ in group for t in ids)
+        assert all(int(batch.token_group[t]) in (g, -1) for t in run)
     assert int((batch.targets != IGNORE_INDEX).sum()) == 3 + 1 + 2  # shifted within sequences only
     with torch.no_grad():
         packed = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
@@ -206,3 +210,37 @@ def test_parallel_adapters_from_memory(tokenizer):
     tight = parallel_adapters(model, cfg, 100, available_bytes=2**26)
     assert 1 <= tight < roomy <= 64
     assert parallel_adapters(model, cfg, 10**6, available_bytes=1) == 1
+
+
+@pytest.mark.parametrize(
+    ("d_in", "d_out", "dtype"), [(32, 48, torch.float32), (30, 17, torch.float32), (64, 16, torch.bfloat16)]
+)
+def test_grouped_lora_equals_one_product_per_group(d_in, d_out, dtype):
+    """torch._grouped_mm (16-byte aligned shapes) and the per-group fallback (others) agree with the
+    plain per-group products, in value and gradient, including a group with no rows."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(13, d_in, generator=gen).to(dtype).requires_grad_()
+    a = torch.randn(3, 4, d_in, generator=gen).to(dtype).requires_grad_()
+    b = torch.randn(3, d_out, 4, generator=gen).to(dtype).requires_grad_()
+    offsets = torch.tensor([5, 5, 13], dtype=torch.int32)
+    grad = torch.randn(13, d_out, generator=gen).to(dtype)
+    out = grouped_lora(x, a, b, offsets)
+    out.backward(grad)
+    got = [out.detach(), x.grad, a.grad, b.grad]
+    for t in (x, a, b):
+        t.grad = None
+    expected = torch.cat([x[:5] @ a[0].T @ b[0].T, x[5:] @ a[2].T @ b[2].T])
+    expected.backward(grad)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
+    for g, e in zip(got, [expected.detach(), x.grad, a.grad, b.grad], strict=True):
+        torch.testing.assert_close(g, e, **tol)
+    assert got[2][1].abs().sum() == 0 and got[3][1].abs().sum() == 0  # the empty group gets no gradient
+
+
+def test_balanced_rows_are_consecutive_few_and_even():
+    lengths = [5, 3, 8, 2, 2, 7, 1, 4, 6]
+    rows = balanced_rows(lengths, capacity=12)
+    assert [i for row in rows for i in row] == list(range(len(lengths)))  # order kept, nothing lost
+    assert len(rows) == 4  # next-fit at 12: [5,3] [8,2] [2,7,1] [4,6] -- the fewest for this order
+    assert max(sum(lengths[i] for i in row) for row in rows) == 10  # evened out below the capacity
+    assert balanced_rows([20, 3], capacity=8) == [[0], [1]]  # a sequence longer than a row: its own row
