@@ -63,8 +63,9 @@ def grouped_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: tor
     """
     size = x.element_size()
     aligned = all(n * size % 16 == 0 for n in (x.shape[-1], a.shape[1], b.shape[1]))
-    fast = x.device.type == "cpu" or (
-        x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability() >= (9, 0)
+    on_gpu = x.device.type == "cuda" and x.dtype == torch.bfloat16
+    fast = hasattr(torch, "_grouped_mm") and (  # a private op (PyTorch >= 2.8): checked, not assumed
+        x.device.type == "cpu" or (on_gpu and torch.cuda.get_device_capability() >= (9, 0))
     )
     if aligned and fast:
         xa = torch._grouped_mm(x, a.transpose(1, 2), offs=offsets)

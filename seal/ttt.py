@@ -292,21 +292,7 @@ class BatchedTTT:
                     device,
                 )
                 with stack.route(active, batch.offsets), autocast(device, self.cfg.ttt_autocast):
-                    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
-                    if split is None:
-                        logits = self.model(**inputs, use_cache=False).logits
-                        per_adapter = grouped_loss(logits, batch.targets, batch.token_group, len(active))
-                    else:
-                        decoder, head = split
-                        hidden = decoder(**inputs, use_cache=False).last_hidden_state
-                        dtype = (
-                            torch.get_autocast_dtype(device.type)
-                            if torch.is_autocast_enabled(device.type)
-                            else hidden.dtype
-                        )
-                        per_adapter = grouped_linear_cross_entropy(
-                            hidden, head, batch.targets, batch.token_group, len(active), dtype
-                        )
+                    per_adapter = self._losses(batch, len(active), split)
                 per_adapter.sum().backward()  # no shared parameters: each adapter gets its own gradient
                 for k in active:  # adapters sitting this step out have no gradient: AdamW skips them
                     factor = lr_factor(self.cfg.ttt_lr_scheduler, step, len(plans[k]))
@@ -328,6 +314,19 @@ class BatchedTTT:
         if bad:
             raise FloatingPointError(f"batched TTT loss diverged for adapters {bad}: {[out[k] for k in bad]}")
         return out
+
+    def _losses(self, batch: PackedBatch, groups: int, split: tuple | None) -> torch.Tensor:
+        """Each adapter's mean loss on its tokens of `batch`: with `split` (decoder, output layer) straight
+        from the last hidden states, never holding the (tokens, vocabulary) logits; else from the logits."""
+        inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False}
+        if split is None:
+            logits = self.model(**inputs).logits
+            return grouped_loss(logits, batch.targets, batch.token_group, groups)
+        decoder, head = split
+        hidden = decoder(**inputs).last_hidden_state
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        return grouped_linear_cross_entropy(hidden, head, batch.targets, batch.token_group, groups, dtype)
 
     def save(self, k: int, path: str | os.PathLike) -> Path:
         """Write adapter k in PEFT format (safetensors) directly into `path`."""
@@ -486,7 +485,9 @@ def parallel_adapters(
     Per adapter: its stacked LoRA state (weights, gradients, two AdamW moments: 16 bytes per parameter) and
     the activations a packed training step keeps for its tokens. Per token that is ~10 bytes per hidden
     unit per layer, ~4 per MLP unit per layer (bf16, eager attention on short sequences) and ~10 per vocab
-    entry (bf16 logits, their float32 copy for the loss, its gradient): calibrated on SmolLM2-135M on CPU.
+    entry (bf16 logits, their float32 copy for the loss, its gradient): calibrated on SmolLM2-135M on CPU
+    with whole logits. The fused loss (:mod:`seal.losses`) holds no per-token logits, so for the models it
+    serves the vocabulary term only errs on the safe side (fewer adapters than memory would allow).
     """
     if cfg.ttt_parallel_adapters > 0:
         return cfg.ttt_parallel_adapters
