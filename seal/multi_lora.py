@@ -31,6 +31,8 @@ from peft import LoraConfig, PeftModel
 from safetensors.torch import save_file
 from torch import nn
 
+from seal.utils import compute_dtype
+
 INIT_ADAPTER = "stacked-lora-init"
 
 
@@ -172,8 +174,7 @@ class StackedLoRA(nn.Module):
             if self._groups is None:
                 return output
             x = inputs[0]
-            device = x.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else output.dtype
+            dtype = compute_dtype(output)
             a, b = self._stacked(i, dtype)
             x = self.dropout(self._cast(x, dtype))
             if self._offsets is None:  # equal blocks of rows, block g for adapter g

@@ -27,7 +27,7 @@ from seal.config import TTTConfig
 from seal.losses import IGNORE_INDEX, grouped_linear_cross_entropy, grouped_loss
 from seal.multi_lora import StackedLoRA, find_targets
 from seal.templates import TrainExample
-from seal.utils import attention_implementation, autocast, model_device
+from seal.utils import attention_implementation, autocast, compute_dtype, model_device
 
 ADAPTER = "ttt"
 # Logit transforms some architectures apply after their output layer (the fused loss then does not apply).
@@ -324,9 +324,9 @@ class BatchedTTT:
             return grouped_loss(logits, batch.targets, batch.token_group, groups)
         decoder, head = split
         hidden = decoder(**inputs).last_hidden_state
-        device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        return grouped_linear_cross_entropy(hidden, head, batch.targets, batch.token_group, groups, dtype)
+        return grouped_linear_cross_entropy(
+            hidden, head, batch.targets, batch.token_group, groups, compute_dtype(hidden)
+        )
 
     def save(self, k: int, path: str | os.PathLike) -> Path:
         """Write adapter k in PEFT format (safetensors) directly into `path`."""

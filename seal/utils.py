@@ -33,6 +33,12 @@ def autocast(device: torch.device, setting: str = "auto") -> contextlib.Abstract
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on `t`'s device run in here: autocast's when it is on, else `t`'s own."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
 def task_seed(*parts: Any) -> int:
     """A stable 31-bit seed from any parts (run seed, round, passage id, ...), independent of task order."""
     digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
