@@ -1,14 +1,16 @@
 """The inner loop (TTT + QA evaluation per self-edit): a reference-style implementation vs seal's batched one.
 
-    python scripts/bench_ttt.py --num_passages 8 --num_self_edits 2 --seeds 3 --out scripts/results/bench_ttt
+    python scripts/bench_ttt.py --num_passages 8 --num_self_edits 2 --seeds 3 --reference_seeds 3 \
+        --out scripts/results/bench_ttt
 
 On the same self-edits (sampled once from the embedded model for the sample data's eval passages and
 cached in the output directory) and the same questions, in one process:
 
   reference  per self-edit: a fresh PEFT model and a `trl.SFTTrainer`, batch 1, SEAL's TTT defaults
              (r=32, alpha=64, lr 1e-3, 10 epochs, linear decay), then greedy answers one question at a time;
-  same-hp    seal.ttt.BatchedTTT with exactly those hyperparameters (batch 1, linear decay): all adapters
-             trained together (packed, bf16 autocast), all answers generated in one batch;
+  same-hp    seal.ttt.BatchedTTT with exactly those hyperparameters (batch 1, linear decay), and per seed set
+             the reference's initial LoRA weights and data order: all adapters trained together (packed,
+             bf16 autocast), all answers generated in one batch;
   recipe     the same with the CPU recipe's TTT settings (batch 8, constant lr).
 
 Prints and writes (JSON + Markdown) evaluations/hour, speed-up over the reference, mean adapted accuracy with
@@ -28,6 +30,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from peft import get_peft_model
+from tqdm.auto import tqdm
 from trl import SFTConfig, SFTTrainer
 
 from seal.config import GenerateConfig, RewardConfig, TTTConfig
@@ -66,6 +69,16 @@ def matmul_peak() -> dict[str, float]:
     return out
 
 
+def trainer_schedule(n: int, batch_size: int, epochs: int, seed: int) -> list[tuple[int, list[int]]]:
+    """The order a `transformers.Trainer` with `seed` feeds n examples in: accelerate's seedable sampler
+    (data_seed = seed) draws epoch e as ``randperm(n)`` from a generator seeded with ``seed + e``."""
+    steps = []
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        steps.extend((epoch, order[s : s + batch_size]) for s in range(0, n, batch_size))
+    return steps
+
+
 def training_tokens(edits: list[SelfEdit], tokenizer, cfg: TTTConfig) -> int:
     per_epoch = sum(
         len(ids)
@@ -87,13 +100,17 @@ def self_edits(path: Path, model_path: str, tokenizer, passages, num_self_edits:
     return edits
 
 
-def reference(model_path: str, tokenizer, edits: list[SelfEdit], by_id, grader, reward_cfg) -> dict:
-    """SEAL-style: a fresh model, PEFT wrapper and SFTTrainer per self-edit; answers one at a time."""
+def reference(
+    model_path: str, tokenizer, edits: list[SelfEdit], by_id, grader, reward_cfg, tag: str = "bench"
+) -> dict:
+    """SEAL-style: a fresh model, PEFT wrapper and SFTTrainer per self-edit; answers one at a time.
+
+    `tag` seeds the LoRA initialisation and the trainer (data order), as in :func:`ours`."""
     accuracies, answers = [], []
     start = time.perf_counter()
     train_seconds = 0.0
-    for e in edits:
-        seed = task_seed("bench", e.passage_id, e.index)
+    for e in tqdm(edits, desc=f"reference {tag}"):
+        seed = task_seed(tag, e.passage_id, e.index)
         model = load_model(model_path)
         torch.manual_seed(seed)
         model = get_peft_model(model, ttt_lora_config(REFERENCE))
@@ -154,14 +171,28 @@ def reference(model_path: str, tokenizer, edits: list[SelfEdit], by_id, grader, 
 
 
 def ours(
-    model, tokenizer, edits: list[SelfEdit], by_id, grader, reward_cfg, cfg: TTTConfig, tag: str = "bench"
+    model,
+    tokenizer,
+    edits: list[SelfEdit],
+    by_id,
+    grader,
+    reward_cfg,
+    cfg: TTTConfig,
+    tag: str = "bench",
+    paired: bool = False,
 ) -> dict:
     """seal's inner loop: BatchedTTT on chunks of K self-edits, then one batched answer pass per chunk.
 
-    `tag` seeds the adapters' initialisation and data order ("bench" = the reference's seeds)."""
+    `tag` seeds the adapters' initialisation and data order as it seeds the reference's. With `paired`
+    each adapter starts from the very LoRA weights the reference's PEFT model starts from and sees the
+    examples in the reference trainer's order, so the two differ only in implementation (numerics);
+    otherwise seal draws its own (same distributions)."""
     generator = HFGenerator(model, tokenizer, batch_size=256)
     rewarder = Rewarder(generator, tokenizer, grader, reward_cfg)
-    batched = BatchedTTT(model, tokenizer, cfg)
+    if paired:
+        batched = BatchedTTT(model, tokenizer, cfg, exact_peft_init=True, schedule=trainer_schedule)
+    else:
+        batched = BatchedTTT(model, tokenizer, cfg)
     k = parallel_adapters(model, cfg, tokens_per_step([e.examples for e in edits], tokenizer, cfg))
     accuracies, answers = [], []
     start = time.perf_counter()
@@ -187,6 +218,27 @@ def ours(
     }
 
 
+def seed_tag(i: int) -> str:
+    """The seed tag of seed set i (0 is "bench", the tag the first published reference run used)."""
+    return "bench" if i == 0 else f"bench-{i}"
+
+
+def reference_runs(path: Path, seeds: int, reuse: bool, run) -> list[dict]:
+    """The reference's runs for seed sets 0..seeds-1: those stored in `path` reused when `reuse`, the others
+    run (`run(tag)`) and stored one by one, so an interrupted benchmark loses at most one seed set."""
+    stored = json.loads(path.read_text()) if reuse and path.exists() else {}
+    if stored and "runs" not in stored:  # a single-run file from before seed sets: seed set 0
+        stored = {"runs": {seed_tag(0): stored}}
+    runs = stored.get("runs", {})
+    for i in range(seeds):
+        tag = seed_tag(i)
+        if tag not in runs:
+            runs[tag] = run(tag)
+            write_json(path, {"runs": runs})
+        print(f"reference seed set {i}: {runs[tag]['seconds']:.0f} s", flush=True)
+    return [runs[seed_tag(i)] for i in range(seeds)]
+
+
 def average_seeds(runs: list[dict]) -> dict:
     """Several seed sets of one method: mean time, per-self-edit accuracy averaged over the seed sets."""
     n = len(runs)
@@ -197,7 +249,7 @@ def average_seeds(runs: list[dict]) -> dict:
         "seed_accuracies": [sum(r["accuracies"]) / len(r["accuracies"]) for r in runs],
         "seed_seconds": [r["seconds"] for r in runs],
         "answers": runs[0]["answers"],
-        "parallel_adapters": runs[0]["parallel_adapters"],
+        "parallel_adapters": runs[0].get("parallel_adapters"),
     }
 
 
@@ -209,7 +261,13 @@ def main() -> None:
     parser.add_argument("--num_passages", type=int, default=8)
     parser.add_argument("--num_self_edits", type=int, default=2)
     parser.add_argument("--out", default="scripts/results/bench_ttt")
-    parser.add_argument("--skip_reference", action="store_true", help="reuse reference.json from --out")
+    parser.add_argument(
+        "--skip_reference",
+        action="store_true",
+        help="reuse the reference seed sets stored in --out/reference.json (missing ones are run)",
+    )
+    parser.add_argument("--reference_seeds", type=int, default=1, help="seed sets of the reference")
+    parser.add_argument("--reference_only", action="store_true", help="stop after the reference's runs")
     parser.add_argument(
         "--seeds",
         type=int,
@@ -233,22 +291,25 @@ def main() -> None:
     print(f"{len(edits)} self-edits, {questions} questions", flush=True)
 
     peak = matmul_peak()
-    ref_path = out / "reference.json"
-    if args.skip_reference and ref_path.exists():
-        ref = json.loads(ref_path.read_text())
-    else:
-        ref = reference(model_path, tokenizer, edits, by_id, grader, reward_cfg)
-        write_json(ref_path, ref)
-    print(f"reference: {ref['seconds']:.0f} s", flush=True)
+    ref = average_seeds(
+        reference_runs(
+            out / "reference.json",
+            args.reference_seeds,
+            args.skip_reference,
+            lambda tag: reference(model_path, tokenizer, edits, by_id, grader, reward_cfg, tag),
+        )
+    )
+    if args.reference_only:
+        return
 
     model = wrap_for_adapters(load_model(model_path), TTTConfig())
     recipe = replace(REFERENCE, ttt_batch_size=8, ttt_lr_scheduler="constant")
     runs = {"reference": (ref, REFERENCE)}
     for name, cfg in (("seal same-hp", REFERENCE), ("seal recipe", recipe)):
+        paired = name == "seal same-hp"  # same hyperparameters, init and data order as the reference
         seeded = []
         for i in range(args.seeds):
-            tag = "bench" if i == 0 else f"bench-{i}"
-            seeded.append(ours(model, tokenizer, edits, by_id, grader, reward_cfg, cfg, tag))
+            seeded.append(ours(model, tokenizer, edits, by_id, grader, reward_cfg, cfg, seed_tag(i), paired))
             print(f"{name} seed set {i}: {seeded[-1]['seconds']:.0f} s", flush=True)
         runs[name] = (average_seeds(seeded), cfg)
     n_params = sum(p.numel() for p in model.get_base_model().parameters())

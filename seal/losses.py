@@ -60,16 +60,16 @@ class _GroupedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, rows.numel(), chunk):
             idx = rows[start : start + chunk]
             h = flat[idx].to(dtype)
-            logits = F.linear(h, w, b).float()
+            # one pass from the `dtype` logits to float32 log-probabilities (no float32 copy of the logits)
+            logp = torch.log_softmax(F.linear(h, w, b), dim=-1, dtype=torch.float32)
             target = targets[idx]
-            lse = torch.logsumexp(logits, dim=-1)
-            token_loss = lse - logits.gather(1, target[:, None]).squeeze(1)
+            token_loss = -logp.gather(1, target[:, None]).squeeze(1)
             losses.index_add_(0, token_group[idx], token_loss * weights[idx])
             if grad is not None:  # d loss / d logits = (softmax - one_hot) * token weight
-                probs = logits.sub_(lse[:, None]).exp_()
+                probs = logp.exp_()
                 probs[torch.arange(idx.numel(), device=idx.device), target] -= 1
-                probs.mul_(weights[idx, None])
-                grad[idx] = (probs.to(dtype) @ w).to(grad.dtype)
+                # the token weight scales the (chunk, hidden) product rather than the (chunk, vocab) probs
+                grad[idx] = ((probs.to(dtype) @ w) * weights[idx, None]).to(grad.dtype)
         ctx.save_for_backward(grad, token_group)
         ctx.shape = hidden.shape
         return losses

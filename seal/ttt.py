@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from seal.attention import PACKED_ATTENTION, packed_attention_supported
 from seal.config import TTTConfig
 from seal.losses import IGNORE_INDEX, grouped_linear_cross_entropy, grouped_loss
 from seal.multi_lora import StackedLoRA, find_targets
@@ -216,13 +217,17 @@ class BatchedTTT:
         tokenizer: PreTrainedTokenizerBase,
         cfg: TTTConfig,
         exact_peft_init: bool = False,
+        schedule: Callable[[int, int, int, int], list[tuple[int, list[int]]]] = batch_schedule,
     ):
         """`exact_peft_init`: start each adapter from the very weights PEFT (and so sequential TTT) would
-        draw for its seed, at ~0.25 s per adapter on a 135M model; otherwise from the same distribution."""
+        draw for its seed, at ~0.25 s per adapter on a 135M model; otherwise from the same distribution.
+        `schedule(examples, batch_size, epochs, seed)` gives each adapter's (epoch, example indices) per
+        step (default :func:`batch_schedule`, as sequential TTT)."""
         if cfg.ttt_loss not in ("all", "completion"):
             raise ValueError(f"ttt_loss must be 'all' or 'completion', got '{cfg.ttt_loss}'")
         lr_factor(cfg.ttt_lr_scheduler, 0, 1)  # validate early
         self.exact_peft_init = exact_peft_init
+        self.schedule = schedule
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = cfg
@@ -264,7 +269,7 @@ class BatchedTTT:
             for job in jobs
         ]
         plans = [
-            batch_schedule(len(d), self.cfg.ttt_batch_size, self.cfg.ttt_epochs, s) if d else []
+            self.schedule(len(d), self.cfg.ttt_batch_size, self.cfg.ttt_epochs, s) if d else []
             for d, s in zip(data, seeds, strict=True)
         ]
         losses: list[list[tuple[int, float]]] = [[] for _ in jobs]
@@ -280,9 +285,7 @@ class BatchedTTT:
         self.model.train()
         peft_off = self.model.disable_adapter() if peft_model is not None else contextlib.nullcontext()
         split = decoder_and_head(self.model)  # None: logits need more than a Linear; compute them whole
-        # On CPU, eager attention trains short sequences ~10% faster than SDPA's flash kernel (measured on
-        # SmolLM2-135M, 16 x 36 tokens: its backward dominates); GPUs keep the model's own choice.
-        with peft_off, attention_implementation(self.model, "eager" if device.type == "cpu" else None):
+        with peft_off, attention_implementation(self.model, training_attention(self.model, device)):
             for step in tqdm(range(max(map(len, plans), default=0)), desc="batched TTT", leave=False):
                 active = [k for k, plan in enumerate(plans) if step < len(plan)]
                 batch = pack_sequences(
@@ -459,6 +462,15 @@ def decoder_and_head(model: PreTrainedModel | PeftModel) -> tuple[torch.nn.Modul
     if any(getattr(base.config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
         return None
     return decoder, head
+
+
+def training_attention(model: PreTrainedModel | PeftModel, device: torch.device) -> str | None:
+    """The attention kernel for packed training: on CPU seal's packed kernel where the architecture allows
+    (:mod:`seal.attention`), else eager (~10% faster than SDPA's flash kernel on short sequences, measured on
+    SmolLM2-135M, 16 x 36 tokens: its backward dominates); GPUs keep the model's own choice."""
+    if device.type != "cpu":
+        return None
+    return PACKED_ATTENTION if packed_attention_supported(model.config) else "eager"
 
 
 def tokens_per_step(

@@ -188,6 +188,26 @@ def test_adapters_are_independent_parameter_groups(tokenizer):
         assert torch.equal(a, b)  # same seed, same init, untouched by the other adapter's steps
 
 
+def test_schedule_decides_what_each_adapter_trains_on(tokenizer):
+    """A custom schedule that feeds only example 0 trains the same adapter as a job of example 0 alone."""
+    cfg = config(ttt_epochs=3)
+    model = build_tiny_model(tokenizer)
+    calls = []
+
+    def first_only(n: int, batch_size: int, epochs: int, seed: int) -> list[tuple[int, list[int]]]:
+        calls.append((n, batch_size, epochs, seed))
+        return [(epoch, [0]) for epoch in range(epochs)]
+
+    custom = BatchedTTT(model, tokenizer, cfg, schedule=first_only)
+    custom_losses = custom.apply([JOBS[0]], [7])
+    custom_weights = custom.stack.peft_state_dict(0)
+    assert calls == [(len(JOBS[0]), cfg.ttt_batch_size, cfg.ttt_epochs, 7)]
+    alone = BatchedTTT(model, tokenizer, cfg)
+    assert alone.apply([JOBS[0][:1]], [7])[0] == pytest.approx(custom_losses[0], abs=1e-6)
+    for name, w in alone.stack.peft_state_dict(0).items():
+        torch.testing.assert_close(custom_weights[name], w)
+
+
 def test_route_validates_groups(tokenizer):
     model = build_tiny_model(tokenizer)
     stack = StackedLoRA(model, 2, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])

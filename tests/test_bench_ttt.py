@@ -1,0 +1,53 @@
+"""scripts/bench_ttt.py pairs seal's adapters with the reference's: same data order as its SFTTrainer."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from trl import SFTConfig, SFTTrainer
+
+from tests.conftest import build_tiny_model
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_ttt.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_ttt", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trainer_schedule_is_the_order_sft_trainer_feeds(tokenizer, tmp_path):
+    n, epochs, seed = 7, 3, 12345
+    data = Dataset.from_list([{"prompt": f"p{i} ", "completion": f"item {i}"} for i in range(n)])
+    model = get_peft_model(build_tiny_model(tokenizer), LoraConfig(r=4, target_modules=["q_proj"]))
+    digit = {tokenizer(f"p{i}", add_special_tokens=False)["input_ids"][1]: i for i in range(n)}  # "p", "i"
+    seen: list[int] = []
+    forward = model.forward
+
+    def recording_forward(*args, **kwargs):
+        seen.append(digit[int(kwargs["input_ids"][0, 1])])
+        return forward(*args, **kwargs)
+
+    model.forward = recording_forward
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=1,
+        num_train_epochs=epochs,
+        max_length=32,
+        completion_only_loss=False,
+        use_cpu=True,
+        save_strategy="no",
+        report_to=[],
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=seed,
+    )
+    torch.manual_seed(0)
+    SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer).train()
+    expected = [idx[0] for _, idx in load_bench().trainer_schedule(n, 1, epochs, seed)]
+    assert len(seen) == n * epochs and sorted(seen[:n]) == list(range(n))
+    assert seen == expected
