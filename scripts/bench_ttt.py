@@ -44,6 +44,7 @@ from seal.stats import bootstrap_ci, paired_difference
 from seal.templates import render_chat
 from seal.ttt import (
     BatchedTTT,
+    batch_schedule,
     parallel_adapters,
     tokenize_examples,
     tokens_per_step,
@@ -71,12 +72,13 @@ def matmul_peak() -> dict[str, float]:
 
 def trainer_schedule(n: int, batch_size: int, epochs: int, seed: int) -> list[tuple[int, list[int]]]:
     """The order a `transformers.Trainer` with `seed` feeds n examples in: accelerate's seedable sampler
-    (data_seed = seed) draws epoch e as ``randperm(n)`` from a generator seeded with ``seed + e``."""
-    steps = []
-    for epoch in range(epochs):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        steps.extend((epoch, order[s : s + batch_size]) for s in range(0, n, batch_size))
-    return steps
+    (data_seed = seed) draws epoch e as ``randperm(n)`` from a generator seeded with ``seed + e``, which is
+    seal's one-epoch :func:`batch_schedule` for that seed."""
+    return [
+        (epoch, indices)
+        for epoch in range(epochs)
+        for _, indices in batch_schedule(n, batch_size, 1, seed + epoch)
+    ]
 
 
 def training_tokens(edits: list[SelfEdit], tokenizer, cfg: TTTConfig) -> int:
@@ -189,10 +191,8 @@ def ours(
     otherwise seal draws its own (same distributions)."""
     generator = HFGenerator(model, tokenizer, batch_size=256)
     rewarder = Rewarder(generator, tokenizer, grader, reward_cfg)
-    if paired:
-        batched = BatchedTTT(model, tokenizer, cfg, exact_peft_init=True, schedule=trainer_schedule)
-    else:
-        batched = BatchedTTT(model, tokenizer, cfg)
+    schedule = trainer_schedule if paired else batch_schedule
+    batched = BatchedTTT(model, tokenizer, cfg, exact_peft_init=paired, schedule=schedule)
     k = parallel_adapters(model, cfg, tokens_per_step([e.examples for e in edits], tokenizer, cfg))
     accuracies, answers = [], []
     start = time.perf_counter()
