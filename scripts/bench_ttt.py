@@ -11,7 +11,8 @@ cached in the output directory) and the same questions, in one process:
   same-hp    seal.ttt.BatchedTTT with exactly those hyperparameters (batch 1, linear decay), and per seed set
              the reference's initial LoRA weights and data order: all adapters trained together (packed,
              bf16 autocast), all answers generated in one batch;
-  recipe     the same with the CPU recipe's TTT settings (batch 8, constant lr).
+  recipe     the same with the CPU recipe's TTT settings (batch 8, constant lr);
+  --extra    rows of seal with other TTT settings (choose them on train passages: ttt_recipe_sweep.py).
 
 Prints and writes (JSON + Markdown) evaluations/hour, speed-up over the reference, mean adapted accuracy with
 a paired bootstrap CI of the difference, training tokens/s and the share of this CPU's measured matmul peak.
@@ -54,6 +55,25 @@ from seal.ttt import (
 from seal.utils import bf16_supported, task_seed, write_json
 
 REFERENCE = TTTConfig(ttt_batch_size=1, ttt_lr_scheduler="linear", ttt_max_length=128)
+
+
+SETTINGS = {
+    "bs": "ttt_batch_size",
+    "epochs": "ttt_epochs",
+    "lr": "ttt_learning_rate",
+    "sched": "ttt_lr_scheduler",
+}
+
+
+def ttt_settings(text: str) -> TTTConfig:
+    """``bs=1,epochs=5,lr=2e-3,sched=linear`` -> the reference's TTT settings with those changed."""
+    changes: dict[str, object] = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in SETTINGS:
+            raise ValueError(f"unknown TTT setting '{key}' in '{text}'; use {sorted(SETTINGS)}")
+        changes[SETTINGS[key]] = value if key == "sched" else (float(value) if key == "lr" else int(value))
+    return replace(REFERENCE, **changes)
 
 
 def matmul_peak() -> dict[str, float]:
@@ -274,7 +294,16 @@ def main() -> None:
         default=1,
         help="run ours with this many seed sets (LoRA init and data order) and report the mean accuracy",
     )
+    parser.add_argument(
+        "--extra",
+        nargs="*",
+        default=[],
+        metavar="SETTINGS",
+        help="more rows of seal with other TTT settings, e.g. bs=1,epochs=5,lr=3e-3,sched=linear",
+    )
     args = parser.parse_args()
+    for text in args.extra:
+        ttt_settings(text)  # bad settings fail before any work
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -303,9 +332,13 @@ def main() -> None:
         return
 
     model = wrap_for_adapters(load_model(model_path), TTTConfig())
-    recipe = replace(REFERENCE, ttt_batch_size=8, ttt_lr_scheduler="constant")
+    methods = {
+        "seal same-hp": REFERENCE,
+        "seal recipe": replace(REFERENCE, ttt_batch_size=8, ttt_lr_scheduler="constant"),
+    }
+    methods.update({f"seal {text}": ttt_settings(text) for text in args.extra})
     runs = {"reference": (ref, REFERENCE)}
-    for name, cfg in (("seal same-hp", REFERENCE), ("seal recipe", recipe)):
+    for name, cfg in methods.items():
         paired = name == "seal same-hp"  # same hyperparameters, init and data order as the reference
         seeded = []
         for i in range(args.seeds):
@@ -322,6 +355,8 @@ def main() -> None:
             {
                 "method": name,
                 "batch": cfg.ttt_batch_size,
+                "epochs": cfg.ttt_epochs,
+                "lr": cfg.ttt_learning_rate,
                 "lr_schedule": cfg.ttt_lr_scheduler,
                 "evals_per_hour": round(len(edits) / run["seconds"] * 3600, 1),
                 "speedup": round(ref["seconds"] / run["seconds"], 2),
@@ -347,15 +382,16 @@ def main() -> None:
         f"{len(edits)} self-edits, {questions} questions; CPU matmul peak bf16 {peak['bf16']} GFLOP/s, "
         f"fp32 {peak['fp32']} GFLOP/s",
         "",
-        "| method | batch | lr | evals/hour | speed-up | train tok/s | % bf16 peak | accuracy (95% CI) "
-        "| Δ vs ref | accuracy per seed set |",
+        "| method | batch | epochs, lr | evals/hour | speed-up | train tok/s | % bf16 peak "
+        "| accuracy (95% CI) | Δ vs ref | accuracy per seed set |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         acc, d = r["accuracy"], r["delta_vs_reference"]
         delta = f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]" if d else "–"
         lines.append(
-            f"| {r['method']} | {r['batch']} | {r['lr_schedule']} | {r['evals_per_hour']} "
+            f"| {r['method']} | {r['batch']} | {r['epochs']}, {r['lr']:g} {r['lr_schedule']} "
+            f"| {r['evals_per_hour']} "
             f"| {r['speedup']}× | "
             f"{r['train_tok_s']} | {r['pct_bf16_peak']} | {100 * acc['mean']:.1f} "
             f"[{100 * acc['low']:.1f}, {100 * acc['high']:.1f}] | {delta} "

@@ -335,7 +335,9 @@ def model_card(run: Run, args: SealArgs, eval_dir: Path | None, dataset_id: str 
         f"{run.section('generate').get('template')}) whose fine-tuning teaches a model the passage. "
         + (f"A LoRA adapter (PEFT) for {base_text}" if adapter else f"Full weights tuned from {base_text}")
         + f", the ReST-EM update of round {r} ({n_rounds} round(s) in the run).",
-        "## Use\n\n```python\n" + load + "\n```\n\nPrompt it with the recipe's self-edit template"
+        "## Use\n\n```python\n"
+        + load
+        + "\n```\n\nPrompt it with the recipe's self-edit template"
         + (" (the dataset's `prompt` column)" if dataset_id else "")
         + ", in the base model's chat format.",
         "## Training recipe\n\n" + recipe_markdown(run, base_id or model_name),

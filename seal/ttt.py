@@ -28,7 +28,14 @@ from seal.config import TTTConfig
 from seal.losses import IGNORE_INDEX, grouped_linear_cross_entropy, grouped_loss
 from seal.multi_lora import StackedLoRA, find_targets
 from seal.templates import TrainExample
-from seal.utils import attention_implementation, autocast, compute_dtype, model_device
+from seal.utils import (
+    attention_implementation,
+    autocast,
+    autocast_dtype,
+    compute_dtype,
+    frozen_linears_in,
+    model_device,
+)
 
 ADAPTER = "ttt"
 # Logit transforms some architectures apply after their output layer (the fused loss then does not apply).
@@ -164,17 +171,18 @@ class TTT:
         )
         losses: list[tuple[int, float]] = []
         self.model.train()
-        for epoch, indices in batches:
-            batch = collate([data[i] for i in indices], self.pad_id, device)
-            with autocast(device, self.cfg.ttt_autocast):
-                loss = self.model(**batch).loss
-            loss.backward()
-            if self.cfg.ttt_max_grad_norm > 0:
-                clip_grad_norm_(params, self.cfg.ttt_max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append((epoch, loss.item()))
+        with frozen_linears_in(self.model, autocast_dtype(device, self.cfg.ttt_autocast)):
+            for epoch, indices in batches:
+                batch = collate([data[i] for i in indices], self.pad_id, device)
+                with autocast(device, self.cfg.ttt_autocast):
+                    loss = self.model(**batch).loss
+                loss.backward()
+                if self.cfg.ttt_max_grad_norm > 0:
+                    clip_grad_norm_(params, self.cfg.ttt_max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append((epoch, loss.item()))
         epoch_losses = epoch_means(losses, self.cfg.ttt_epochs)
         self.model.eval()
         for p in params:
@@ -285,7 +293,11 @@ class BatchedTTT:
         self.model.train()
         peft_off = self.model.disable_adapter() if peft_model is not None else contextlib.nullcontext()
         split = decoder_and_head(self.model)  # None: logits need more than a Linear; compute them whole
-        with peft_off, attention_implementation(self.model, training_attention(self.model, device)):
+        with (
+            peft_off,
+            attention_implementation(self.model, training_attention(self.model, device)),
+            frozen_linears_in(self.model, autocast_dtype(device, self.cfg.ttt_autocast)),
+        ):
             for step in tqdm(range(max(map(len, plans), default=0)), desc="batched TTT", leave=False):
                 active = [k for k, plan in enumerate(plans) if step < len(plan)]
                 batch = pack_sequences(
@@ -294,10 +306,11 @@ class BatchedTTT:
                     PACK_LENGTH,
                     device,
                 )
+                stack.zero_grad(active)  # adapters sitting this step out get no gradient: AdamW skips them
                 with stack.route(active, batch.offsets), autocast(device, self.cfg.ttt_autocast):
                     per_adapter = self._losses(batch, len(active), split)
                 per_adapter.sum().backward()  # no shared parameters: each adapter gets its own gradient
-                for k in active:  # adapters sitting this step out have no gradient: AdamW skips them
+                for k in active:
                     factor = lr_factor(self.cfg.ttt_lr_scheduler, step, len(plans[k]))
                     optimizer.param_groups[k]["lr"] = lr * factor
                 if self.cfg.ttt_max_grad_norm > 0:  # each adapter's own gradient norm, as if alone
@@ -305,9 +318,9 @@ class BatchedTTT:
                         [stack.adapter_parameters(k) for k in active], self.cfg.ttt_max_grad_norm
                     )
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
                 for k, value in zip(active, per_adapter.tolist(), strict=True):
                     losses[k].append((plans[k][step][0], value))
+        stack.drop_gradients()
         stack.invalidate()
         self.model.train(was_training)
         for p in [*self.model.parameters(), *stack.parameters()]:  # PEFT re-enables its active adapter

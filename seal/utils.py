@@ -24,13 +24,54 @@ def bf16_supported(device: torch.device) -> bool:
     return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def autocast(device: torch.device, setting: str = "auto") -> contextlib.AbstractContextManager:
-    """bf16 autocast per the recipe's `auto | bfloat16 | none` (auto: only where hardware is fast at it)."""
+def autocast_dtype(device: torch.device, setting: str = "auto") -> torch.dtype | None:
+    """The dtype `autocast(device, setting)` computes in, or None when it leaves autocast off."""
     if setting not in ("auto", "bfloat16", "none"):
         raise ValueError(f"autocast setting must be auto, bfloat16 or none, got '{setting}'")
     if setting == "none" or (setting == "auto" and not bf16_supported(device)):
+        return None
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, setting: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 autocast per the recipe's `auto | bfloat16 | none` (auto: only where hardware is fast at it)."""
+    dtype = autocast_dtype(device, setting)
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def frozen_linears_in(model: torch.nn.Module, dtype: torch.dtype | None):
+    """Hold every frozen floating-point ``nn.Linear`` of `model` in `dtype` inside this context.
+
+    Autocast keeps the casts it makes only for leaf tensors that require grad, so a frozen base model's
+    weights are cast anew in every forward: on SmolLM2-135M on CPU that is ~135M parameters per training
+    step and per generated token, a third of a small TTT step. Under autocast to `dtype` the results are
+    bit-identical (autocast casts a Linear's weight and bias to `dtype` anyway). Each module gets new
+    Parameter objects for the duration, so a weight tied to an input embedding (an LM head) stays in its
+    own dtype for the embedding lookup; the originals are put back on exit. None: leave the model as is.
+    """
+    swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    if dtype is not None:
+        copies: dict[int, torch.nn.Parameter] = {}  # one copy per shared tensor
+        for module in model.modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            for name in ("weight", "bias"):
+                param = module._parameters.get(name)
+                if param is None or param.requires_grad or not param.is_floating_point():
+                    continue
+                if param.dtype != dtype:
+                    if id(param) not in copies:
+                        copies[id(param)] = torch.nn.Parameter(param.detach().to(dtype), requires_grad=False)
+                    swapped.append((module, name, param))
+                    setattr(module, name, copies[id(param)])
+    try:
+        yield
+    finally:
+        for module, name, param in swapped:
+            setattr(module, name, param)
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

@@ -3,6 +3,7 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
@@ -51,3 +52,18 @@ def test_trainer_schedule_is_the_order_sft_trainer_feeds(tokenizer, tmp_path):
     expected = [idx[0] for _, idx in load_bench().trainer_schedule(n, 1, epochs, seed)]
     assert len(seen) == n * epochs and sorted(seen[:n]) == list(range(n))
     assert seen == expected
+
+
+def test_ttt_settings_change_only_what_they_name():
+    bench = load_bench()
+    cfg = bench.ttt_settings("bs=2,epochs=5,lr=3e-3,sched=constant")
+    assert (cfg.ttt_batch_size, cfg.ttt_epochs, cfg.ttt_learning_rate, cfg.ttt_lr_scheduler) == (
+        2,
+        5,
+        3e-3,
+        "constant",
+    )
+    ref = bench.REFERENCE
+    assert (cfg.ttt_lora_r, cfg.ttt_max_length) == (ref.ttt_lora_r, ref.ttt_max_length)
+    with pytest.raises(ValueError, match="unknown TTT setting 'rank'"):
+        bench.ttt_settings("rank=8")

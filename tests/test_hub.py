@@ -251,7 +251,7 @@ def test_a_merged_generator_and_a_local_base_without_hub_id(run_args, tokenizer)
     assert torch.equal(loaded.lm_head.weight, build_tiny_model(tokenizer, seed=3).lm_head.weight)
     card = ModelCard.load(folders.model / "README.md")
     assert card.data.library_name == "transformers" and card.data.base_model is None
-    assert "AutoModelForCausalLM.from_pretrained(\"seal-test/tiny-generator\")" in card.text
+    assert 'AutoModelForCausalLM.from_pretrained("seal-test/tiny-generator")' in card.text
     assert validate_card(str(card)) == []
 
 

@@ -22,6 +22,7 @@ from seal.ttt import (
     parallel_adapters,
     wrap_for_adapters,
 )
+from seal.utils import frozen_linears_in
 from tests.conftest import build_tiny_model
 
 JOBS = [
@@ -264,3 +265,66 @@ def test_balanced_rows_are_consecutive_few_and_even():
     assert len(rows) == 4  # next-fit at 12: [5,3] [8,2] [2,7,1] [4,6] -- the fewest for this order
     assert max(sum(lengths[i] for i in row) for row in rows) == 10  # evened out below the capacity
     assert balanced_rows([20, 3], capacity=8) == [[0], [1]]  # a sequence longer than a row: its own row
+
+
+def test_frozen_linears_in_autocast_dtype_is_bit_identical_and_restored(tokenizer):
+    """Holding frozen Linears in bf16 changes no bit under bf16 autocast; the tied embedding stays float32."""
+    model = build_tiny_model(tokenizer).requires_grad_(False)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    before = {n: p for n, p in model.named_parameters()}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(input_ids=ids).logits
+        with frozen_linears_in(model, torch.bfloat16):
+            assert model.lm_head.weight.dtype == torch.bfloat16
+            assert model.model.embed_tokens.weight.dtype == torch.float32  # tied, yet not cast
+            assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+            got = model(input_ids=ids).logits
+    assert torch.equal(got, expected)
+    after = dict(model.named_parameters())
+    assert all(after[n] is p for n, p in before.items())  # the very same Parameters are back
+    with frozen_linears_in(model, None):
+        assert model.lm_head.weight.dtype == torch.float32
+
+
+def test_stacked_gradients_land_in_persistent_buffers(tokenizer):
+    """Each routed adapter's gradient equals autograd's through plain views of its weights, lands in a
+    buffer reused from step to step, and adapters left out of `zero_grad` get none."""
+    model = build_tiny_model(tokenizer)
+    stack = StackedLoRA(model, 3, r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
+    for k in range(3):
+        stack.init_adapter(k, seed=k)
+        for b in stack.lora_B[k]:
+            b.detach().normal_(generator=torch.Generator().manual_seed(k))  # nonzero: A gets a gradient too
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    stack.zero_grad([0, 2])
+    with stack.route([2, 0]):
+        model(input_ids=ids).logits.square().mean().backward()
+    buffers = {k: stack.weights[k].grad for k in (0, 2)}
+    assert stack.weights[1].grad is None
+
+    # the same loss with the stacked matrices taken as ordinary differentiable views of the weights
+    expected = {k: torch.zeros_like(stack.weights[k]) for k in (0, 2)}
+    for k in (0, 2):
+        stack.weights[k].grad = None
+    original = StackedLoRA._stacked
+
+    def autograd_stacked(self, i, dtype):
+        views = [self._views[k] for k in self._groups]
+        return torch.stack([v[2 * i] for v in views]), torch.stack(
+            [v[2 * i + 1] for v in views]
+        ) * self.scaling
+
+    StackedLoRA._stacked = autograd_stacked
+    try:
+        with stack.route([2, 0]):
+            model(input_ids=ids).logits.square().mean().backward()
+    finally:
+        StackedLoRA._stacked = original
+    for k in (0, 2):
+        expected[k] = stack.weights[k].grad
+        torch.testing.assert_close(buffers[k], expected[k])
+    stack.zero_grad([0])
+    assert stack.weights[0].grad is buffers[0] and stack.weights[0].grad.abs().sum() == 0
+    assert stack.weights[2].grad is None
+    stack.drop_gradients()
+    assert all(w.grad is None for w in stack.weights)

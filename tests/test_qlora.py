@@ -87,7 +87,6 @@ def test_update_step_trains_a_qlora_adapter(qlora_model_path, tmp_path):
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in adapted.named_parameters())
 
 
-
 def test_quantized_base_is_served_by_hf(tmp_path):
     from seal.loop import engine_backend
     from tests.test_loop import tiny_args

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seal.generate.base import Sampling, per_prompt_adapters
 from seal.multi_lora import StackedLoRA
-from seal.utils import autocast, model_device
+from seal.utils import autocast, autocast_dtype, frozen_linears_in, model_device
 
 STACK_PREFIX = "stack:"
 
@@ -129,7 +129,8 @@ class HFGenerator:
         was_training = self.model.training
         self.model.eval()
         batches = range(0, len(rows), batch_size)
-        with autocast(device, self.autocast_setting):
+        dtype = autocast_dtype(device, self.autocast_setting)
+        with autocast(device, self.autocast_setting), frozen_linears_in(self.model, dtype):
             for b, start in enumerate(tqdm(batches, desc="generate", disable=not self.progress, leave=False)):
                 batch = rows[start : start + batch_size]
                 enc = self.tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(
