@@ -86,7 +86,8 @@ class _RoutedWeights(torch.autograd.Function):
     ends in one ``cat`` per adapter per step that gathers the adapter's 840 (SmolLM2) gradient pieces into
     a freshly allocated 39 MB flat gradient: ~0.7 s of a ~4.5 s step of 16 adapters at batch 1 in a CPU
     profile. (End to end the difference is within this VM's run-to-run noise: 292 vs 297 s for the bench's
-    batch-1 training.)
+    batch-1 training.) Autograd never accumulates into the flat parameters, so tensor hooks registered on
+    them do not fire.
     """
 
     @staticmethod
