@@ -26,6 +26,7 @@ import json
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -259,6 +260,34 @@ def reference_runs(path: Path, seeds: int, reuse: bool, run) -> list[dict]:
     return [runs[seed_tag(i)] for i in range(seeds)]
 
 
+def run_seed_sets(name: str, seeds: int, run, prefix: str = "") -> dict:
+    """`run(tag)` for seed sets 0..seeds-1 (tags `prefix` + :func:`seed_tag`), each one's time printed as it
+    ends, averaged by :func:`average_seeds`."""
+    seeded = []
+    for i in range(seeds):
+        seeded.append(run(prefix + seed_tag(i)))
+        print(f"{name} seed set {i}: {seeded[-1]['seconds']:.0f} s", flush=True)
+    return average_seeds(seeded)
+
+
+def signed_points(ci: dict | None) -> str:
+    """A difference with its CI in percentage points, ``+1.2 [-3.4, +5.6]``; ``–`` for none."""
+    if not ci:
+        return "–"
+    return f"{100 * ci['mean']:+.1f} [{100 * ci['low']:+.1f}, {100 * ci['high']:+.1f}]"
+
+
+def percents(values: list[float]) -> str:
+    """Fractions as comma-separated percentages, ``–`` for none."""
+    return ", ".join(f"{100 * a:.1f}" for a in values) or "–"
+
+
+def write_markdown(path: Path, lines: list[str]) -> None:
+    """Write a Markdown report and print it."""
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def average_seeds(runs: list[dict]) -> dict:
     """Several seed sets of one method: mean time, per-self-edit accuracy averaged over the seed sets."""
     n = len(runs)
@@ -340,11 +369,8 @@ def main() -> None:
     runs = {"reference": (ref, REFERENCE)}
     for name, cfg in methods.items():
         paired = name == "seal same-hp"  # same hyperparameters, init and data order as the reference
-        seeded = []
-        for i in range(args.seeds):
-            seeded.append(ours(model, tokenizer, edits, by_id, grader, reward_cfg, cfg, seed_tag(i), paired))
-            print(f"{name} seed set {i}: {seeded[-1]['seconds']:.0f} s", flush=True)
-        runs[name] = (average_seeds(seeded), cfg)
+        run = partial(ours, model, tokenizer, edits, by_id, grader, reward_cfg, cfg, paired=paired)
+        runs[name] = (run_seed_sets(name, args.seeds, run), cfg)
     n_params = sum(p.numel() for p in model.get_base_model().parameters())
     rows = []
     for name, (run, cfg) in runs.items():
@@ -387,18 +413,16 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        acc, d = r["accuracy"], r["delta_vs_reference"]
-        delta = f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]" if d else "–"
+        acc = r["accuracy"]
         lines.append(
             f"| {r['method']} | {r['batch']} | {r['epochs']}, {r['lr']:g} {r['lr_schedule']} "
             f"| {r['evals_per_hour']} "
             f"| {r['speedup']}× | "
             f"{r['train_tok_s']} | {r['pct_bf16_peak']} | {100 * acc['mean']:.1f} "
-            f"[{100 * acc['low']:.1f}, {100 * acc['high']:.1f}] | {delta} "
-            f"| {', '.join(f'{100 * a:.1f}' for a in r['seed_accuracies']) or '–'} |"
+            f"[{100 * acc['low']:.1f}, {100 * acc['high']:.1f}] | {signed_points(r['delta_vs_reference'])} "
+            f"| {percents(r['seed_accuracies'])} |"
         )
-    (out / "bench_ttt.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(out / "bench_ttt.md", lines)
 
 
 if __name__ == "__main__":

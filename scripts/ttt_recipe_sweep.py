@@ -13,9 +13,19 @@ self-edits, same seeds) and its time relative to it. Writes ``sweep.json`` and `
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
-from bench_ttt import REFERENCE, average_seeds, ours, seed_tag, self_edits, ttt_settings
+from bench_ttt import (
+    REFERENCE,
+    ours,
+    percents,
+    run_seed_sets,
+    self_edits,
+    signed_points,
+    ttt_settings,
+    write_markdown,
+)
 
 from seal.config import RewardConfig
 from seal.data import load_passages
@@ -53,13 +63,8 @@ def main() -> None:
 
     runs = {}
     for text, cfg in configs.items():
-        seeded = []
-        for i in range(args.seeds):
-            seeded.append(
-                ours(model, tokenizer, edits, by_id, grader, reward_cfg, cfg, f"sweep-{seed_tag(i)}")
-            )
-            print(f"{text} seed set {i}: {seeded[-1]['seconds']:.0f} s", flush=True)
-        runs[text] = average_seeds(seeded)
+        run = partial(ours, model, tokenizer, edits, by_id, grader, reward_cfg, cfg)
+        runs[text] = run_seed_sets(text, args.seeds, run, prefix="sweep-")
     base_text, base = args.configs[0], runs[args.configs[0]]
     rows = []
     for text, run in runs.items():
@@ -84,15 +89,11 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        d = r["delta_vs_baseline"]
-        delta = f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]" if d else "–"
-        seeds = ", ".join(f"{100 * a:.1f}" for a in r["seed_accuracies"])
         lines.append(
             f"| {r['config']} | {r['seconds']} | {r['time_vs_baseline']} | {100 * r['accuracy']['mean']:.1f} "
-            f"| {delta} | {seeds} |"
+            f"| {signed_points(r['delta_vs_baseline'])} | {percents(r['seed_accuracies'])} |"
         )
-    (out / "sweep.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(out / "sweep.md", lines)
 
 
 if __name__ == "__main__":

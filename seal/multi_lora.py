@@ -92,6 +92,7 @@ class _RoutedWeights(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, stack: StackedLoRA, i: int, dtype: torch.dtype, *weights: torch.Tensor):  # noqa: ANN205
+        # `weights` (the routed adapters' flat parameters) are inputs only so that autograd calls backward
         ctx.stack, ctx.i = stack, i
         views = [stack._views[k] for k in stack._groups]
         a = torch.stack([v[2 * i] for v in views]).to(dtype)
