@@ -3,11 +3,12 @@
 Why not PEFT: PEFT refuses batches that mix adapters in training mode, and training K adapters one after
 another leaves a small model's matmuls too small to keep the CPU (or a GPU) busy. Here each adapter k has
 its own LoRA parameters ``A_k`` (r, in) and ``B_k`` (out, r) per target Linear, and a forward hook adds
-``scaling * x A_k^T B_k^T`` to adapter k's tokens: the participating adapters' weights are stacked so the
-LoRA products of all of them are two grouped matmuls. In training the batch is packed sorted by adapter
-(:func:`seal.ttt.pack_sequences`), so adapter k's tokens are one contiguous run and ``torch._grouped_mm``
-multiplies each run by its own weights with no gathering, scattering or padding; in generation the batch is
-equal blocks of rows and a batched matmul does it. Because every adapter owns its parameters (one flat
+``scaling * x A_k^T B_k^T`` to adapter k's tokens: the participating adapters' weights are stacked (once
+per forward, for all modules) so the LoRA products of all of them are two batched matmuls. In generation
+the batch is equal blocks of rows, block g for the g-th adapter; in training it is packed sorted by adapter
+(:func:`seal.ttt.pack_sequences`), so adapter k's tokens are one contiguous run, and each module gathers
+the runs into padded blocks with one index op and scatters the result back with another. Because every
+adapter owns its parameters (one flat
 tensor each), a standard optimizer with one parameter group per adapter gives each its own learning rate
 and step count, and an adapter that sits a step out (no gradient) is left untouched, exactly as if it were
 trained alone.
@@ -55,67 +56,56 @@ def find_targets(model: nn.Module, target_modules: Sequence[str]) -> dict[str, n
     return targets
 
 
-def grouped_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``x[s:e] @ a[g].T @ b[g].T`` for each run ``s:e`` of rows ending at ``offsets[g]``: (T, out).
+def padded_layout(offsets: Sequence[int]) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+    """How to lay a packed batch's runs out as equal blocks: (block length, gather index, scatter index).
 
-    `x` (T, in) lists each group's rows in one contiguous run, `a` (G, r, in), `b` (G, out, r),
-    `offsets` (G,) int32 run ends with ``offsets[-1] == T``. ``torch._grouped_mm`` does every group's
-    product in one kernel, with neither gathering the rows nor padding them to a common length; where it
-    cannot run (strides not 16-byte multiples, GPUs before sm90) one matmul pair per group does the same.
+    Run g holds rows ``offsets[g-1]:offsets[g]`` of a (T, ...) tensor. ``x.index_select(0, gather)``
+    is the (G * block, ...) padded layout, block g starting with run g and padded with copies of its last
+    row (their results are discarded, so they get no gradient); ``y.index_select(0, scatter)`` takes a
+    padded (G * block, ...) result back to the packed (T, ...) order. Both are None when the runs are
+    already equal blocks (e.g. one adapter).
     """
-    size = x.element_size()
-    aligned = all(n * size % 16 == 0 for n in (x.shape[-1], a.shape[1], b.shape[1]))
-    on_gpu = x.device.type == "cuda" and x.dtype == torch.bfloat16
-    fast = hasattr(torch, "_grouped_mm") and (  # a private op (PyTorch >= 2.8): checked, not assumed
-        x.device.type == "cpu" or (on_gpu and torch.cuda.get_device_capability() >= (9, 0))
-    )
-    if aligned and fast:
-        xa = torch._grouped_mm(x, a.transpose(1, 2), offs=offsets)
-        return torch._grouped_mm(xa, b.transpose(1, 2), offs=offsets)
-    ends = offsets.tolist()
+    ends = list(offsets)
     starts = [0, *ends[:-1]]
-    return torch.cat([x[s:e] @ a[g].T @ b[g].T for g, (s, e) in enumerate(zip(starts, ends, strict=True))])
+    counts = [e - s for s, e in zip(starts, ends, strict=True)]
+    block = max(max(counts), 1)
+    if all(c == block for c in counts):
+        return block, None, None
+    gather = [min(s + t, max(e - 1, 0)) for s, e in zip(starts, ends, strict=True) for t in range(block)]
+    scatter = [g * block + t for g, c in enumerate(counts) for t in range(c)]
+    return block, torch.tensor(gather), torch.tensor(scatter)
 
 
-class _RoutedWeights(torch.autograd.Function):
-    """Module i's LoRA matrices of the routed adapters, stacked and cast: A (G, r, in), scaled B (G, out, r).
+class _CastStack(torch.autograd.Function):
+    """The routed adapters' flat weights cast into rows of a reused buffer: (G, P) in the compute dtype.
 
-    Backward adds each adapter's slice of the two gradients straight into the matching span of its flat
-    parameter's ``.grad`` (a buffer kept from step to step, :meth:`StackedLoRA.zero_grad`) and hands
-    autograd nothing to accumulate. Autograd's own route (views of the flat parameter, ``torch.stack``)
-    ends in one ``cat`` per adapter per step that gathers the adapter's 840 (SmolLM2) gradient pieces into
-    a freshly allocated 39 MB flat gradient: ~0.7 s of a ~4.5 s step of 16 adapters at batch 1 in a CPU
-    profile. (End to end the difference is within this VM's run-to-run noise: 292 vs 297 s for the bench's
-    batch-1 training.) Autograd never accumulates into the flat parameters, so tensor hooks registered on
-    them do not fire.
+    Backward writes each row of the (G, P) gradient straight into its adapter's float32 ``.grad`` (the
+    buffer :meth:`StackedLoRA.zero_grad` keeps: a converting copy for the first contribution after it was
+    zeroed, else an add) and hands autograd nothing to accumulate. Autograd's own route (``torch.stack`` +
+    ``.to``, then AccumulateGrad) allocates a float32 stack in forward and a float32 copy of the gradient in
+    backward, and its mixed-dtype in-place add ran at 25 ms per SmolLM2 adapter (9.8M parameters) where the
+    copy takes 2.7 ms. Tensor hooks on the flat parameters therefore do not fire.
     """
 
     @staticmethod
-    def forward(ctx, stack: StackedLoRA, i: int, dtype: torch.dtype, *weights: torch.Tensor):  # noqa: ANN205
-        # `weights` (the routed adapters' flat parameters) are inputs only so that autograd calls backward
-        ctx.stack, ctx.i = stack, i
-        views = [stack._views[k] for k in stack._groups]
-        a = torch.stack([v[2 * i] for v in views]).to(dtype)
-        b = (torch.stack([v[2 * i + 1] for v in views]) * stack.scaling).to(dtype)
-        ctx.groups = list(stack._groups)
-        return a, b
+    def forward(ctx, stack: StackedLoRA, buffer: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:  # noqa: ANN205
+        ctx.stack, ctx.weights = stack, weights
+        for row, weight in zip(buffer, weights, strict=False):
+            row.copy_(weight)
+        return buffer[: len(weights)]
 
     @staticmethod
-    def backward(ctx, grad_a: torch.Tensor, grad_b: torch.Tensor):  # noqa: ANN205
-        stack, i = ctx.stack, ctx.i
-        (rows_a, cols_a), (rows_b, cols_b) = stack._shapes[2 * i], stack._shapes[2 * i + 1]
-        start_a, start_b = stack._starts[2 * i], stack._starts[2 * i + 1]
-        for g, k in enumerate(ctx.groups):
-            weight = stack.weights[k]
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN205
+        for row, weight in zip(grad, ctx.weights, strict=True):
             if weight.grad is None:
-                weight.grad = torch.zeros_like(weight)
-            flat = weight.grad
-            if grad_a is not None:
-                flat[start_a : start_a + rows_a * cols_a].view(rows_a, cols_a).add_(grad_a[g])
-            if grad_b is not None:
-                span = flat[start_b : start_b + rows_b * cols_b].view(rows_b, cols_b)
-                span.add_(grad_b[g], alpha=stack.scaling)
-        return (None, None, None) + (None,) * len(ctx.groups)
+                weight.grad = row.to(weight.dtype, copy=True)
+            elif id(weight) in ctx.stack._zeroed:
+                ctx.stack._zeroed.discard(id(weight))
+                weight.grad.copy_(row)  # its first contribution since zero_grad: a plain converting copy
+            else:
+                # converting first: an in-place add of a bf16 into a float32 tensor runs ~10x slower
+                weight.grad.add_(row.to(weight.dtype))
+        return (None, None) + (None,) * len(ctx.weights)
 
 
 class StackedLoRA(nn.Module):
@@ -125,9 +115,8 @@ class StackedLoRA(nn.Module):
     module; its effective weight there is ``W + scaling * B @ A``, as in PEFT. Each adapter's weights live
     in one flat parameter, ``weights[k]``, of which these matrices are views: the optimizer and gradient
     clipping then handle one tensor per adapter instead of two per module (420 on SmolLM2), which is most
-    of their per-step cost when there are many adapters. In training the gradients of adapter k's matrices
-    are added straight into ``weights[k].grad`` (see :class:`_RoutedWeights`); :meth:`zero_grad` gives the
-    adapters of a step a zeroed gradient that lives from step to step.
+    of their per-step cost when there are many adapters. :meth:`zero_grad` gives the adapters of a step a
+    zeroed gradient that lives from step to step.
     """
 
     def __init__(
@@ -150,17 +139,19 @@ class StackedLoRA(nn.Module):
         modules = list(self.targets.values())
         self._shapes = [shape for m in modules for shape in ((r, m.in_features), (m.out_features, r))]
         self._sizes = [rows * cols for rows, cols in self._shapes]
-        self._starts = [sum(self._sizes[:j]) for j in range(len(self._sizes))]
         size = sum(self._sizes)
         self.weights = nn.ParameterList(
             nn.Parameter(torch.zeros(size, device=device, dtype=dtype)) for _ in range(num_adapters)
         )
         self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._groups: list[int] | None = None
-        self._offsets: torch.Tensor | None = None
-        self._views: dict[int, list[torch.Tensor]] = {}
+        self._gather: torch.Tensor | None = None  # packed runs -> padded blocks (see padded_layout)
+        self._scatter: torch.Tensor | None = None  # padded blocks -> packed runs
         self._grads: dict[int, torch.Tensor] = {}
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._zeroed: set[int] = set()  # ids of weights whose .grad is zeroed and not yet written to
+        self._cast_buffer: torch.Tensor | None = None  # the routed weights in the compute dtype (training)
+        self._cache: dict[tuple, list[torch.Tensor]] = {}
+        self._routed: tuple[tuple, list[torch.Tensor]] | None = None  # this forward's matrices
         self._last_input: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self._handles = [module.register_forward_hook(self._make_hook(i)) for i, module in enumerate(modules)]
 
@@ -194,66 +185,88 @@ class StackedLoRA(nn.Module):
             if k not in self._grads:
                 self._grads[k] = torch.zeros_like(weight)
             weight.grad = self._grads[k].zero_()
+            self._zeroed.add(id(weight))
 
     def drop_gradients(self) -> None:
         """Remove every adapter's gradient and free the buffers :meth:`zero_grad` keeps."""
         for weight in self.weights:
             weight.grad = None
         self._grads.clear()
+        self._zeroed.clear()
+        self._cast_buffer = None
 
     def invalidate(self) -> None:
         """Forget the stacked copies used without gradients (call after the weights change)."""
         self._cache.clear()
 
-    def _stacked(self, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Module i's weights of the routed adapters, stacked and cast to `dtype`: (G, r, in) and
-        (G, out, r), the latter already multiplied by ``scaling`` (cheaper than scaling every token).
+    def _matrices(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Every target module's matrices of the routed adapters in `dtype`: ``[A_0, B_0, A_1, B_1, ...]``,
+        A_i (G, r, in) and B_i (G, out, r), views of one (G, P) stack of the adapters' flat weights.
 
-        With gradients they are stacked anew and each slice's gradient goes to its adapter's flat
-        ``.grad`` (:class:`_RoutedWeights`). Without (generation, many forward calls per batch) the stack is
-        cached.
+        Stacking and casting all modules at once, once per forward, costs a few whole-tensor ops per step
+        where one stack and cast per module cost ~5 ops x 210 modules (SmolLM2); in backward autograd
+        concatenates the 420 pieces' gradients and :class:`_CastStack` adds each adapter's row into its
+        ``.grad``. Without
+        gradients (generation: many forwards per route) the stack is cached until :meth:`invalidate`.
         """
-        groups = self._groups
-        if torch.is_grad_enabled() and any(self.weights[k].requires_grad for k in groups):
-            return _RoutedWeights.apply(self, i, dtype, *(self.weights[k] for k in groups))
-        key = (i, tuple(groups), dtype)
-        if torch.is_grad_enabled() or key not in self._cache:
-            views = [self._views[k] for k in groups]
-            a = torch.stack([v[2 * i] for v in views]).to(dtype)
-            b = (torch.stack([v[2 * i + 1] for v in views]) * self.scaling).to(dtype)
-            if not torch.is_grad_enabled():
-                self._cache[key] = (a, b)
-            return a, b
-        return self._cache[key]
+        key = (tuple(self._groups), dtype)
+        if self._routed is not None and self._routed[0] == key:
+            return self._routed[1]
+        weights = [self.weights[k] for k in self._groups]
+        grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
+        if not grad and key in self._cache:
+            return self._cache[key]
+        if grad:
+            flat = _CastStack.apply(self, self._buffer(len(weights), dtype), *weights)
+        else:
+            flat = torch.stack(weights).to(dtype)
+        pieces = flat.split(self._sizes, dim=1)
+        mats = [piece.unflatten(1, shape) for piece, shape in zip(pieces, self._shapes, strict=True)]
+        if not grad:
+            self._cache[key] = mats
+        self._routed = (key, mats)
+        return mats
 
-    def _cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`x` in `dtype`, cast once for consecutive modules that read the same input (q/k/v, gate/up)."""
+    def _buffer(self, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """A (rows, P) tensor of `dtype` kept from step to step (fresh large tensors are page-faulted)."""
+        buffer = self._cast_buffer
+        if buffer is None or buffer.shape[0] < rows or buffer.dtype != dtype:
+            size = (max(rows, 0 if buffer is None else buffer.shape[0]), self.weights[0].numel())
+            buffer = self._cast_buffer = torch.empty(size, dtype=dtype, device=self.weights[0].device)
+        return buffer
+
+    def _input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`x` in `dtype` as G equal blocks (G, block, in): packed runs gathered into padded blocks. Made once
+        for consecutive modules that read the same input (q/k/v, gate/up)."""
         version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
         last = self._last_input
         if last is not None and last[0] is x and last[1] == version and last[2].dtype == dtype:
             return last[2]
-        cast = x.to(dtype)
-        self._last_input = (x, version, cast)
-        return cast
+        flat = x.to(dtype).reshape(-1, x.shape[-1])
+        if self._gather is not None:
+            flat = flat.index_select(0, self._gather)
+        groups = len(self._groups)
+        if flat.shape[0] % groups:
+            raise RuntimeError(f"{flat.shape[0]} rows cannot be split into {groups} adapter groups")
+        blocks = flat.view(groups, -1, flat.shape[-1])
+        self._last_input = (x, version, blocks)
+        return blocks
 
     def _make_hook(self, i: int):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
             if self._groups is None:
                 return output
-            x = inputs[0]
             dtype = compute_dtype(output)
-            a, b = self._stacked(i, dtype)
-            x = self.dropout(self._cast(x, dtype))
-            if self._offsets is None:  # equal blocks of rows, block g for adapter g
-                groups = len(self._groups)
-                if x.shape[0] % groups:
-                    raise RuntimeError(f"{x.shape[0]} rows cannot be split into {groups} adapter groups")
-                xg = x.reshape(groups, -1, x.shape[-1])
-                delta = torch.bmm(torch.bmm(xg, a.transpose(1, 2)), b.transpose(1, 2))
-            else:  # packed, tokens sorted by adapter: adapter g owns one contiguous run of rows
-                delta = grouped_lora(x.reshape(-1, x.shape[-1]), a, b, self._offsets)
+            mats = self._matrices(dtype)
+            a, b = mats[2 * i], mats[2 * i + 1]
+            x = self.dropout(self._input(inputs[0], dtype))
+            # one batched matmul pair for all adapters; scaling on the (G, block, r) product, the smallest
+            h = torch.bmm(x, a.transpose(1, 2)).mul_(self.scaling)
+            delta = torch.bmm(h, b.transpose(1, 2)).flatten(0, 1)
+            if self._scatter is not None:  # padded blocks back to the packed order
+                delta = delta.index_select(0, self._scatter)
             # in place: a Linear's backward does not need its output
-            return output.add_(delta.reshape(output.shape).to(output.dtype))
+            return output.add_(delta.view(output.shape).to(output.dtype))
 
         return hook
 
@@ -267,21 +280,27 @@ class StackedLoRA(nn.Module):
         With `offsets`, a (G,) tensor of run ends, the flattened batch (``row * seq_len + col``) is sorted by
         adapter: adapter groups[g] acts on positions ``offsets[g-1]`` (0 for g = 0) to ``offsets[g]``, and
         ``offsets[-1]`` is the number of tokens in the batch (packed training, see
-        :func:`seal.ttt.pack_sequences`).
+        :func:`seal.ttt.pack_sequences`). Each module gathers the runs into padded blocks (one index per
+        step, shared by all modules), multiplies them with two batched matmuls and scatters the result back:
+        a constant number of ops per module whatever G is. (``torch._grouped_mm`` needs no padding, but on
+        CPU it runs one small GEMM per adapter per module: ~20k GEMMs in a 16-adapter SmolLM2 step.)
         """
         groups = [int(g) for g in groups]
         if not groups or min(groups) < 0 or max(groups) >= self.num_adapters:
             raise IndexError(f"adapter indices must be in [0, {self.num_adapters}), got {groups}")
-        if offsets is not None and offsets.shape != (len(groups),):
+        if offsets is not None and tuple(offsets.shape) != (len(groups),):
             raise ValueError(f"offsets has shape {tuple(offsets.shape)}, expected ({len(groups)},)")
         device = self.weights[0].device
         self._groups = groups
-        self._offsets = None if offsets is None else offsets.to(device=device, dtype=torch.int32)
-        self._views = {k: self.views(k) for k in set(groups)}
+        if offsets is not None:
+            _, gather, scatter = padded_layout([int(e) for e in offsets.tolist()])
+            self._gather = None if gather is None else gather.to(device)
+            self._scatter = None if scatter is None else scatter.to(device)
         try:
             yield
         finally:
-            self._groups, self._offsets, self._last_input, self._views = None, None, None, {}
+            self._groups, self._gather, self._scatter = None, None, None
+            self._last_input, self._routed = None, None
 
     def remove(self) -> None:
         """Detach the hooks: the model is exactly the base model again."""

@@ -9,7 +9,7 @@ from seal.data import QA, Passage
 from seal.generate import HFGenerator, Sampling
 from seal.generate.hf import stack_adapter
 from seal.graders import make_grader
-from seal.multi_lora import StackedLoRA, find_targets, grouped_lora
+from seal.multi_lora import StackedLoRA, find_targets, padded_layout
 from seal.reward import Rewarder
 from seal.templates import TrainExample
 from seal.ttt import (
@@ -233,29 +233,17 @@ def test_parallel_adapters_from_memory(tokenizer):
     assert parallel_adapters(model, cfg, 10**6, available_bytes=1) == 1
 
 
-@pytest.mark.parametrize(
-    ("d_in", "d_out", "dtype"), [(32, 48, torch.float32), (30, 17, torch.float32), (64, 16, torch.bfloat16)]
-)
-def test_grouped_lora_equals_one_product_per_group(d_in, d_out, dtype):
-    """torch._grouped_mm (16-byte aligned shapes) and the per-group fallback (others) agree with the
-    plain per-group products, in value and gradient, including a group with no rows."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(13, d_in, generator=gen).to(dtype).requires_grad_()
-    a = torch.randn(3, 4, d_in, generator=gen).to(dtype).requires_grad_()
-    b = torch.randn(3, d_out, 4, generator=gen).to(dtype).requires_grad_()
-    offsets = torch.tensor([5, 5, 13], dtype=torch.int32)
-    grad = torch.randn(13, d_out, generator=gen).to(dtype)
-    out = grouped_lora(x, a, b, offsets)
-    out.backward(grad)
-    got = [out.detach(), x.grad, a.grad, b.grad]
-    for t in (x, a, b):
-        t.grad = None
-    expected = torch.cat([x[:5] @ a[0].T @ b[0].T, x[5:] @ a[2].T @ b[2].T])
-    expected.backward(grad)
-    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
-    for g, e in zip(got, [expected.detach(), x.grad, a.grad, b.grad], strict=True):
-        torch.testing.assert_close(g, e, **tol)
-    assert got[2][1].abs().sum() == 0 and got[3][1].abs().sum() == 0  # the empty group gets no gradient
+def test_padded_layout_round_trips_packed_runs():
+    """Gathering packed runs into padded blocks and scattering back restores every row; runs that are
+    already equal blocks need neither index."""
+    rows = torch.arange(9.0).unsqueeze(1)  # runs of 2, 0, 4 and 3 rows
+    block, gather, scatter = padded_layout([2, 2, 6, 9])
+    assert block == 4
+    padded = rows.index_select(0, gather).view(4, block, 1)
+    assert padded[0, :2].flatten().tolist() == [0, 1] and padded[2].flatten().tolist() == [2, 3, 4, 5]
+    assert padded[3, :3].flatten().tolist() == [6, 7, 8]
+    assert torch.equal(padded.flatten(0, 1).index_select(0, scatter), rows)
+    assert padded_layout([3, 6, 9]) == (3, None, None)
 
 
 def test_balanced_rows_are_consecutive_few_and_even():
@@ -287,42 +275,31 @@ def test_frozen_linears_in_autocast_dtype_is_bit_identical_and_restored(tokenize
 
 
 def test_stacked_gradients_land_in_persistent_buffers(tokenizer):
-    """Each routed adapter's gradient equals autograd's through plain views of its weights, lands in a
-    buffer reused from step to step, and adapters left out of `zero_grad` get none."""
+    """Each routed adapter's gradient in a mixed packed batch equals its gradient when it is routed alone
+    on its own rows, lands in a buffer reused from step to step, and adapters left out of `zero_grad` get
+    none."""
     model = build_tiny_model(tokenizer)
     stack = StackedLoRA(model, 3, r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
     for k in range(3):
         stack.init_adapter(k, seed=k)
         for b in stack.lora_B[k]:
             b.detach().normal_(generator=torch.Generator().manual_seed(k))  # nonzero: A gets a gradient too
-    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    # adapter 2 owns the first 3 tokens of the packed row, adapter 0 the other 5 (unequal runs: padded)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
     stack.zero_grad([0, 2])
-    with stack.route([2, 0]):
-        model(input_ids=ids).logits.square().mean().backward()
+    with stack.route([2, 0], torch.tensor([3, 8])):
+        # transformers keeps packed sequences apart (position ids restarting) only without a cache
+        model(input_ids=ids, position_ids=positions, use_cache=False).logits.square().sum().backward()
     buffers = {k: stack.weights[k].grad for k in (0, 2)}
     assert stack.weights[1].grad is None
 
-    # the same loss with the stacked matrices taken as ordinary differentiable views of the weights
-    expected = {k: torch.zeros_like(stack.weights[k]) for k in (0, 2)}
-    for k in (0, 2):
+    for k, span in ((2, slice(0, 3)), (0, slice(3, 8))):  # each adapter alone on its own sequence
         stack.weights[k].grad = None
-    original = StackedLoRA._stacked
-
-    def autograd_stacked(self, i, dtype):
-        views = [self._views[k] for k in self._groups]
-        return torch.stack([v[2 * i] for v in views]), torch.stack(
-            [v[2 * i + 1] for v in views]
-        ) * self.scaling
-
-    StackedLoRA._stacked = autograd_stacked
-    try:
-        with stack.route([2, 0]):
-            model(input_ids=ids).logits.square().mean().backward()
-    finally:
-        StackedLoRA._stacked = original
-    for k in (0, 2):
-        expected[k] = stack.weights[k].grad
-        torch.testing.assert_close(buffers[k], expected[k])
+        with stack.route([k]):
+            model(input_ids=ids[:, span]).logits.square().sum().backward()
+        alone = stack.weights[k].grad
+        assert (buffers[k] - alone).norm() <= 1e-4 * alone.norm()  # float32 summation order only
     stack.zero_grad([0])
     assert stack.weights[0].grad is buffers[0] and stack.weights[0].grad.abs().sum() == 0
     assert stack.weights[2].grad is None
