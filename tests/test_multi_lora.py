@@ -9,7 +9,7 @@ from seal.data import QA, Passage
 from seal.generate import HFGenerator, Sampling
 from seal.generate.hf import stack_adapter
 from seal.graders import make_grader
-from seal.multi_lora import StackedLoRA, find_targets, padded_layout
+from seal.multi_lora import StackedLoRA, _LoRADelta, find_targets, padded_layout
 from seal.reward import Rewarder
 from seal.templates import TrainExample
 from seal.ttt import (
@@ -231,6 +231,18 @@ def test_parallel_adapters_from_memory(tokenizer):
     tight = parallel_adapters(model, cfg, 100, available_bytes=2**26)
     assert 1 <= tight < roomy <= 64
     assert parallel_adapters(model, cfg, 10**6, available_bytes=1) == 1
+
+
+def test_lora_delta_backward_is_exact():
+    """The hand-written backward of the batched LoRA product passes autograd's numerical gradient check."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 2, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 4, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a, b: _LoRADelta.apply(x, a, b, 2.5), (x, a, b))
+    torch.testing.assert_close(
+        _LoRADelta.apply(x, a, b, 2.5), 2.5 * x @ a.transpose(1, 2) @ b.transpose(1, 2)
+    )
 
 
 def test_padded_layout_round_trips_packed_runs():
