@@ -230,9 +230,9 @@ class StackedLoRA(nn.Module):
 
         Stacking and casting all modules at once, once per forward, costs a few whole-tensor ops per step
         where one stack and cast per module cost ~5 ops x 210 modules (SmolLM2); in backward autograd
-        concatenates the 420 pieces' gradients and :class:`_CastStack` adds each adapter's row into its
-        ``.grad``. Without
-        gradients (generation: many forwards per route) the stack is cached until :meth:`invalidate`.
+        concatenates the 420 pieces' gradients and :class:`_CastStack` writes each adapter's row into its
+        ``.grad``. Without gradients (generation: many forwards per route) the stack is cached until
+        :meth:`invalidate`.
         """
         key = (tuple(self._groups), dtype)
         if self._routed is not None and self._routed[0] == key:

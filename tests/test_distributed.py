@@ -131,6 +131,12 @@ def round_rows(out: Path) -> dict[tuple[str, int], dict]:
     return {(r["passage_id"], r["index"]): r for r in rows}
 
 
+def first_epoch_losses(journals: list[Path]) -> dict[tuple, float]:
+    """Each journaled TTT evaluation's first-epoch mean loss, keyed by its journal key."""
+    rows = [json.loads(line) for path in journals for line in path.read_text().splitlines()]
+    return {tuple(r["key"]): r["losses"][0] for r in rows if r["key"][0] == "eval" and r.get("losses")}
+
+
 @pytest.mark.slow
 def test_two_processes_gather_the_single_process_round(tmp_path):
     recipe = tmp_path / "recipe.yaml"
@@ -155,8 +161,14 @@ def test_two_processes_gather_the_single_process_round(tmp_path):
     assert [a[k]["reward"] for k in a] == [b[k]["reward"] for k in a]
     assert [a[k]["kept"] for k in a] == [b[k]["kept"] for k in a]
     assert any(a[k]["reward"] > 0 for k in a)  # the comparison is not between all-zero rounds
-    for k in a:  # same seeds, same chunks: the TTT runs agree (to float rounding across thread counts)
-        assert b[k]["final_loss"][0] == pytest.approx(a[k]["final_loss"][0], rel=0.1)
+    # same seeds, same chunks: the TTT runs agree. bf16 rounding differs across thread counts (one thread per
+    # process vs two) and compounds over the epochs until a near-zero last-epoch loss can differ 2x (0.17
+    # vs 0.36 seen on an AMX CPU), so the check is on the first epoch, before that drift builds up
+    first = [first_epoch_losses([one / "journal.jsonl"])]
+    first.append(first_epoch_losses([two / f"journal.rank{r}.jsonl" for r in range(2)]))
+    assert first[0].keys() == first[1].keys() and len(first[0]) == 8
+    for k, loss in first[0].items():
+        assert first[1][k] == pytest.approx(loss, rel=0.02)
     kept = [
         sorted((r["passage_id"], r["index"], r["completion"]) for r in map(json.loads, open(d)))
         for d in (one / "round_0/kept.jsonl", two / "round_0/kept.jsonl")

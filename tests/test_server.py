@@ -576,7 +576,11 @@ def test_real_vllm_server(vllm_server: str, embedded_path: str, tmp_path: Path) 
     sampled = Sampling(n=2, temperature=1.0, max_new_tokens=8, seed=7)
     first = gen.generate([prompt, "Once upon a time"], sampled, adapter=[None, name])
     assert all(len(texts) == 2 for texts in first)
-    assert gen.generate([prompt, "Once upon a time"], sampled, adapter=[None, name]) == first
+    # seeded sampling repeats, checked one request at a time: requests in flight together can be batched
+    # differently from call to call, and bf16 results depend on the batch (a repeated two-prompt call
+    # differed once, under load, on an AMX CPU)
+    for text, model in ((prompt, None), ("Once upon a time", name)):
+        assert gen.generate([text], sampled, adapter=model) == gen.generate([text], sampled, adapter=model)
 
     gen.remove_adapter(name)
     assert name not in [m["id"] for m in gen.client.get("/v1/models")["data"]]
