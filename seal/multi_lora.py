@@ -56,51 +56,91 @@ def find_targets(model: nn.Module, target_modules: Sequence[str]) -> dict[str, n
     return targets
 
 
-def padded_layout(offsets: Sequence[int]) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
-    """How to lay a packed batch's runs out as equal blocks: (block length, gather index, scatter index).
+class PaddedLayout:
+    """How the packed rows of a batch, one contiguous run per adapter, are laid out as G equal blocks
+    (G * block, d) for batched matmuls, and back.
 
-    Run g holds rows ``offsets[g-1]:offsets[g]`` of a (T, ...) tensor. ``x.index_select(0, gather)``
-    is the (G * block, ...) padded layout, block g starting with run g and padded with copies of its last
-    row (their results are discarded, so they get no gradient); ``y.index_select(0, scatter)`` takes a
-    padded (G * block, ...) result back to the packed (T, ...) order. Both are None when the runs are
-    already equal blocks (e.g. one adapter).
+    Run g holds rows ``offsets[g-1]:offsets[g]`` of a (T, d) tensor. :meth:`blocks` puts run g at the start
+    of block g and fills the rest of the block with zero rows, :meth:`packed` takes a blocked result back to
+    the T rows, and :meth:`spread` lays a (T, d) gradient out in blocks with copies of real rows in the
+    padding: exact in :class:`_LoRADelta`, where the padding rows' inputs are zero and so are their
+    contributions to the weight gradients. Each direction is one row gather or copy, where autograd's own
+    backward of a gather zero-fills the padded shape and scatter-adds into it. Without `offsets` (or when the
+    runs are equal) the batch already is G equal blocks and every method returns its input.
     """
-    ends = list(offsets)
-    starts = [0, *ends[:-1]]
-    counts = [e - s for s, e in zip(starts, ends, strict=True)]
-    block = max(max(counts), 1)
-    if all(c == block for c in counts):
-        return block, None, None
-    gather = [min(s + t, max(e - 1, 0)) for s, e in zip(starts, ends, strict=True) for t in range(block)]
-    scatter = [g * block + t for g, c in enumerate(counts) for t in range(c)]
-    return block, torch.tensor(gather), torch.tensor(scatter)
+
+    def __init__(self, groups: int, offsets: Sequence[int] | None = None, device: torch.device | None = None):
+        self.groups = groups
+        self.scatter = self.spread_index = None
+        self.rows = 0  # rows of the padded layout (when not equal blocks)
+        if offsets is None:
+            return
+        ends = list(offsets)
+        starts = [0, *ends[:-1]]
+        counts = [e - s for s, e in zip(starts, ends, strict=True)]
+        block = max(max(counts), 1)
+        if all(c == block for c in counts):
+            return
+        self.rows = groups * block
+        # the padded row of each packed row; a padding row's gradient: its run's last row's (any would do)
+        self.scatter = torch.tensor(
+            [g * block + t for g, c in enumerate(counts) for t in range(c)], device=device
+        )
+        spread = [min(s + t, max(e - 1, 0)) for s, e in zip(starts, ends, strict=True) for t in range(block)]
+        self.spread_index = torch.tensor(spread, device=device)
+
+    def blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, d) -> (G * block, d), padding rows zero."""
+        if self.scatter is not None:
+            return x.new_zeros(self.rows, x.shape[-1]).index_copy_(0, self.scatter, x)
+        if x.shape[0] % self.groups:
+            raise RuntimeError(f"{x.shape[0]} rows cannot be split into {self.groups} adapter groups")
+        return x
+
+    def packed(self, y: torch.Tensor) -> torch.Tensor:
+        """(G * block, d) -> (T, d): the real rows in packed order."""
+        return y if self.scatter is None else y.index_select(0, self.scatter)
+
+    def spread(self, grad: torch.Tensor) -> torch.Tensor:
+        """(T, d) -> (G * block, d), padding rows copies of real rows (see the class docstring)."""
+        return grad if self.spread_index is None else grad.index_select(0, self.spread_index)
+
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        """(G * block, d) -> (G, block, d)."""
+        return x.view(self.groups, -1, x.shape[-1])
 
 
 class _CastStack(torch.autograd.Function):
     """The routed adapters' flat weights cast into rows of a reused buffer: (G, P) in the compute dtype.
 
-    Backward writes each row of the (G, P) gradient straight into its adapter's float32 ``.grad`` (the
-    buffer :meth:`StackedLoRA.zero_grad` keeps: a converting copy for the first contribution after it was
-    zeroed, else an add) and hands autograd nothing to accumulate. Autograd's own route (``torch.stack`` +
-    ``.to``, then AccumulateGrad) allocates a float32 stack in forward and a float32 copy of the gradient in
-    backward, and its mixed-dtype in-place add ran at 25 ms per SmolLM2 adapter (9.8M parameters) where the
-    copy takes 2.7 ms. Tensor hooks on the flat parameters therefore do not fire.
+    Every module's A and B are views of this buffer taken outside autograd; :class:`_LoRADelta` writes their
+    gradients into the same slices of a second reused buffer (:meth:`StackedLoRA._gradient_slices`) and hands
+    autograd none, so this node's backward gets no gradient (``None``) and runs after all of theirs: it
+    copies each row of that buffer into its adapter's float32 ``.grad`` (the buffer
+    :meth:`StackedLoRA.zero_grad` keeps: a converting copy for the first contribution after it was zeroed,
+    else an add). Autograd's own route (views of the output, then split-backward) concatenates the 420
+    pieces' gradients into a fresh (G, P) tensor per step, 312 MB for 16 SmolLM2 adapters, page-faulted in
+    anew each time (86 ms against 27 ms into a kept buffer), and its float32 AccumulateGrad add ran at 25 ms
+    per adapter where the converting copy takes 2.7 ms. Tensor hooks on the flat parameters do not fire.
     """
 
     @staticmethod
     def forward(ctx, stack: StackedLoRA, buffer: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:  # noqa: ANN205
+        ctx.set_materialize_grads(False)
         ctx.stack, ctx.weights = stack, weights
         for row, weight in zip(buffer, weights, strict=False):
             row.copy_(weight)
         return buffer[: len(weights)]
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN205
-        for row, weight in zip(grad, ctx.weights, strict=True):
+    def backward(ctx, grad: torch.Tensor | None):  # noqa: ANN205
+        stack = ctx.stack
+        rows = stack._gradient_rows(len(ctx.weights), grad)
+        for row, weight in zip(rows, ctx.weights, strict=True):
             if weight.grad is None:
                 weight.grad = row.to(weight.dtype, copy=True)
-            elif id(weight) in ctx.stack._zeroed:
-                ctx.stack._zeroed.discard(id(weight))
+            elif id(weight) in stack._zeroed:
+                stack._zeroed.discard(id(weight))
                 weight.grad.copy_(row)  # its first contribution since zero_grad: a plain converting copy
             else:
                 # converting first: an in-place add of a bf16 into a float32 tensor runs ~10x slower
@@ -109,28 +149,71 @@ class _CastStack(torch.autograd.Function):
 
 
 class _LoRADelta(torch.autograd.Function):
-    """``scaling * x A^T B^T`` of G adapters: x (G, T, in), A (G, r, in), B (G, out, r) -> (G, T, out).
+    """``scaling * x A_g^T B_g^T`` for the packed rows x (T, in), each with its adapter g's A (r, in) and
+    B (out, r): the rows laid out as G equal blocks (`layout`), two batched matmuls over A (G, r, in) and
+    B (G, out, r), and the result back in packed order: (T, out).
 
-    The same two batched matmuls autograd would record, as one node with its backward written out (four
-    batched matmuls and a scale): autograd's own graph holds ~10 nodes per module (transposes, views, the
-    scale, two matmuls) whose fixed cost dominates the small steps of TTT at batch 1.
+    One node with its backward written out (four batched matmuls and a scale): autograd's own graph holds
+    ~10 nodes per module (transposes, views, the scale, two matmuls, the gathers) whose fixed cost dominates
+    the small steps of TTT at batch 1. `padded` is ``layout.blocks(x)`` when the caller has it already
+    (modules reading the same input share it). With `sink` ``(stack, i)``, A and B are views of the (G, P)
+    tensor `link` taken outside autograd and their gradients go to the slices ``stack._gradient_slices(i)``
+    instead (see :class:`_CastStack`); `link` only ties this node to the graph.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:  # noqa: ANN205
-        h = torch.bmm(x, a.transpose(1, 2)).mul_(scaling)  # scaled on (G, T, r), the smallest product
-        ctx.save_for_backward(x, a, b, h)
-        ctx.scaling = scaling
-        return torch.bmm(h, b.transpose(1, 2))
+    def forward(  # noqa: ANN205
+        ctx,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scaling: float,
+        layout: PaddedLayout,
+        padded: torch.Tensor | None = None,
+        link: torch.Tensor | None = None,
+        sink: tuple[StackedLoRA, int] | None = None,
+    ):
+        padded = layout.blocks(x) if padded is None else padded
+        h = _blocks_times(layout, padded, a.transpose(1, 2)).mul_(scaling)  # scaled on (R, r), the smallest
+        ctx.save_for_backward(padded, a, b, h)
+        ctx.scaling, ctx.layout, ctx.sink = scaling, layout, sink
+        return layout.packed(_blocks_times(layout, h, b.transpose(1, 2)))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN205
-        x, a, b, h = ctx.saved_tensors
-        grad_h = torch.bmm(grad, b).mul_(ctx.scaling)  # d/d(x A^T)
-        grad_x = torch.bmm(grad_h, a) if ctx.needs_input_grad[0] else None
-        grad_a = torch.bmm(grad_h.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
-        grad_b = torch.bmm(grad.transpose(1, 2), h) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_a, grad_b, None
+        padded, a, b, h = ctx.saved_tensors
+        layout = ctx.layout
+        grad = layout.spread(grad)
+        grad_h = _blocks_times(layout, grad, b).mul_(ctx.scaling)  # d/d(x A^T)
+        grad_x = layout.packed(_blocks_times(layout, grad_h, a)) if ctx.needs_input_grad[0] else None
+        if ctx.sink is not None:
+            stack, i = ctx.sink
+            grad_a, grad_b, add = stack._gradient_slices(i)
+        elif ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_a, grad_b, add = torch.empty_like(a), torch.empty_like(b), False
+        else:
+            return grad_x, None, None, None, None, None, None, None
+        # exact despite the padding rows' copied gradients: their inputs, and so their h, are zero
+        _blocks_outer(layout, grad_h, padded, grad_a, add)
+        _blocks_outer(layout, grad, h, grad_b, add)
+        if ctx.sink is not None:
+            grad_a = grad_b = None
+        return grad_x, grad_a, grad_b, None, None, None, None, None
+
+
+def _blocks_times(layout: PaddedLayout, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Rows x (G * block, k) in `layout`'s blocks times their adapter's w (G, k, n): (G * block, n)."""
+    return torch.bmm(layout.view(x), w).flatten(0, 1)
+
+
+def _blocks_outer(
+    layout: PaddedLayout, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, add: bool
+):
+    """Per adapter g, its block's ``left^T right`` (left (G * block, m), right (G * block, n)) written (or
+    added) to out[g]."""
+    product = torch.bmm(layout.view(left).transpose(1, 2), layout.view(right), out=None if add else out)
+    if add:  # the module ran more than once in this forward
+        out.add_(product)
 
 
 class StackedLoRA(nn.Module):
@@ -170,11 +253,15 @@ class StackedLoRA(nn.Module):
         )
         self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._groups: list[int] | None = None
-        self._gather: torch.Tensor | None = None  # packed runs -> padded blocks (see padded_layout)
-        self._scatter: torch.Tensor | None = None  # padded blocks -> packed runs
+        self._layout: PaddedLayout | None = None
         self._grads: dict[int, torch.Tensor] = {}
         self._zeroed: set[int] = set()  # ids of weights whose .grad is zeroed and not yet written to
         self._cast_buffer: torch.Tensor | None = None  # the routed weights in the compute dtype (training)
+        self._grad_buffer: torch.Tensor | None = None  # their gradients, same layout (see _CastStack)
+        self._grad_views: list[torch.Tensor] = []  # per matrix, (G, rows, cols) views of _grad_buffer
+        self._written: set[int] = set()  # matrices whose gradient slice holds this backward's gradient
+        self._link: torch.Tensor | None = None  # this forward's _CastStack output (ties the graph)
+        self._views: dict[tuple[str, int], tuple[torch.Tensor, list[torch.Tensor]]] = {}  # see _rows_split
         self._cache: dict[tuple, list[torch.Tensor]] = {}
         self._routed: tuple[tuple, list[torch.Tensor]] | None = None  # this forward's matrices
         self._last_input: tuple[torch.Tensor, int, torch.Tensor] | None = None
@@ -218,7 +305,9 @@ class StackedLoRA(nn.Module):
             weight.grad = None
         self._grads.clear()
         self._zeroed.clear()
-        self._cast_buffer = None
+        self._cast_buffer = self._grad_buffer = None
+        self._grad_views = []
+        self._views.clear()
 
     def invalidate(self) -> None:
         """Forget the stacked copies used without gradients (call after the weights change)."""
@@ -229,10 +318,9 @@ class StackedLoRA(nn.Module):
         A_i (G, r, in) and B_i (G, out, r), views of one (G, P) stack of the adapters' flat weights.
 
         Stacking and casting all modules at once, once per forward, costs a few whole-tensor ops per step
-        where one stack and cast per module cost ~5 ops x 210 modules (SmolLM2); in backward autograd
-        concatenates the 420 pieces' gradients and :class:`_CastStack` writes each adapter's row into its
-        ``.grad``. Without gradients (generation: many forwards per route) the stack is cached until
-        :meth:`invalidate`.
+        where one stack and cast per module cost ~5 ops x 210 modules (SmolLM2). With gradients the views
+        are taken outside autograd (``self._link`` is the stack's autograd output; see :class:`_CastStack`).
+        Without gradients (generation: many forwards per route) the stack is cached until :meth:`invalidate`.
         """
         key = (tuple(self._groups), dtype)
         if self._routed is not None and self._routed[0] == key:
@@ -242,40 +330,71 @@ class StackedLoRA(nn.Module):
         if not grad and key in self._cache:
             return self._cache[key]
         if grad:
-            flat = _CastStack.apply(self, self._buffer(len(weights), dtype), *weights)
+            self._link = _CastStack.apply(self, self._buffer("_cast_buffer", len(weights), dtype), *weights)
+            self._grad_views = self._rows_split("_grad_buffer", len(weights), dtype)
+            self._written = set()
         else:
             flat = torch.stack(weights).to(dtype)
-        pieces = flat.split(self._sizes, dim=1)
-        mats = [piece.unflatten(1, shape) for piece, shape in zip(pieces, self._shapes, strict=True)]
+        mats = self._rows_split("_cast_buffer", len(weights), dtype) if grad else self._split(flat)
         if not grad:
             self._cache[key] = mats
         self._routed = (key, mats)
         return mats
 
-    def _buffer(self, rows: int, dtype: torch.dtype) -> torch.Tensor:
-        """A (rows, P) tensor of `dtype` kept from step to step (fresh large tensors are page-faulted)."""
-        buffer = self._cast_buffer
-        if buffer is None or buffer.shape[0] < rows or buffer.dtype != dtype:
-            size = (max(rows, 0 if buffer is None else buffer.shape[0]), self.weights[0].numel())
-            buffer = self._cast_buffer = torch.empty(size, dtype=dtype, device=self.weights[0].device)
+    def _rows_split(self, name: str, rows: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """:meth:`_split` of the first `rows` rows of the kept buffer `name`, made once per buffer and row
+        count (840 view ops on SmolLM2)."""
+        buffer = self._buffer(name, rows, dtype)
+        key = (name, rows)
+        if key not in self._views or self._views[key][0] is not buffer:
+            self._views[key] = (buffer, self._split(buffer[:rows]))
+        return self._views[key][1]
+
+    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """(G, P) -> ``[A_0, B_0, ...]`` as (G, rows, cols) views."""
+        pieces = flat.split(self._sizes, dim=1)
+        return [piece.unflatten(1, shape) for piece, shape in zip(pieces, self._shapes, strict=True)]
+
+    def _gradient_slices(self, i: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Module i's (G, r, in) and (G, out, r) slices of the gradient buffer, and whether they already hold
+        a gradient of this backward (then add to them, else overwrite)."""
+        written = 2 * i in self._written
+        self._written.update((2 * i, 2 * i + 1))
+        return self._grad_views[2 * i], self._grad_views[2 * i + 1], written
+
+    def _gradient_rows(self, rows: int, grad: torch.Tensor | None) -> torch.Tensor:
+        """The (G, P) gradient of the cast stack once backward has passed every module (slices of modules
+        that did not run are zeroed; `grad`, if autograd brings one, is added)."""
+        for j, view in enumerate(self._grad_views):
+            if j not in self._written:
+                view.zero_()
+        self._written = set()  # the next backward starts afresh
+        buffer = self._grad_buffer[:rows]
+        if grad is not None:
+            buffer.add_(grad)
         return buffer
 
-    def _input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`x` in `dtype` as G equal blocks (G, block, in): packed runs gathered into padded blocks. Made once
-        for consecutive modules that read the same input (q/k/v, gate/up)."""
+    def _buffer(self, name: str, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """The (rows, P) tensor of `dtype` kept in attribute `name` from step to step (fresh large tensors are
+        page-faulted in anew each time)."""
+        buffer = getattr(self, name)
+        if buffer is None or buffer.shape[0] < rows or buffer.dtype != dtype:
+            size = (max(rows, 0 if buffer is None else buffer.shape[0]), self.weights[0].numel())
+            buffer = torch.empty(size, dtype=dtype, device=self.weights[0].device)
+            setattr(self, name, buffer)
+        return buffer
+
+    def _input(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`x` in `dtype` as packed rows (T, in) and laid out in blocks (G, block, in). Made once for
+        consecutive modules that read the same input (q/k/v, gate/up)."""
         version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
         last = self._last_input
         if last is not None and last[0] is x and last[1] == version and last[2].dtype == dtype:
-            return last[2]
+            return last[2], last[3]
         flat = x.to(dtype).reshape(-1, x.shape[-1])
-        if self._gather is not None:
-            flat = flat.index_select(0, self._gather)
-        groups = len(self._groups)
-        if flat.shape[0] % groups:
-            raise RuntimeError(f"{flat.shape[0]} rows cannot be split into {groups} adapter groups")
-        blocks = flat.view(groups, -1, flat.shape[-1])
-        self._last_input = (x, version, blocks)
-        return blocks
+        blocks = self._layout.blocks(flat.detach())
+        self._last_input = (x, version, flat, blocks)
+        return flat, blocks
 
     def _make_hook(self, i: int):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
@@ -284,10 +403,11 @@ class StackedLoRA(nn.Module):
             dtype = compute_dtype(output)
             mats = self._matrices(dtype)
             a, b = mats[2 * i], mats[2 * i + 1]
-            x = self.dropout(self._input(inputs[0], dtype))
-            delta = _LoRADelta.apply(x, a, b, self.scaling).flatten(0, 1)  # one batched pair, all adapters
-            if self._scatter is not None:  # padded blocks back to the packed order
-                delta = delta.index_select(0, self._scatter)
+            x, padded = self._input(inputs[0], dtype)
+            if isinstance(self.dropout, nn.Dropout) and self.dropout.training:
+                x, padded = self.dropout(x), None  # a mask of its own per module, as in PEFT
+            sink = (self, i) if self._link is not None and torch.is_grad_enabled() else None
+            delta = _LoRADelta.apply(x, a, b, self.scaling, self._layout, padded, self._link, sink)
             # in place: a Linear's backward does not need its output
             return output.add_(delta.view(output.shape).to(output.dtype))
 
@@ -313,17 +433,14 @@ class StackedLoRA(nn.Module):
             raise IndexError(f"adapter indices must be in [0, {self.num_adapters}), got {groups}")
         if offsets is not None and tuple(offsets.shape) != (len(groups),):
             raise ValueError(f"offsets has shape {tuple(offsets.shape)}, expected ({len(groups)},)")
-        device = self.weights[0].device
         self._groups = groups
-        if offsets is not None:
-            _, gather, scatter = padded_layout([int(e) for e in offsets.tolist()])
-            self._gather = None if gather is None else gather.to(device)
-            self._scatter = None if scatter is None else scatter.to(device)
+        ends = None if offsets is None else [int(e) for e in offsets.tolist()]
+        self._layout = PaddedLayout(len(groups), ends, self.weights[0].device)
         try:
             yield
         finally:
-            self._groups, self._gather, self._scatter = None, None, None
-            self._last_input, self._routed = None, None
+            self._groups, self._layout = None, None
+            self._last_input, self._routed, self._link = None, None, None
 
     def remove(self) -> None:
         """Detach the hooks: the model is exactly the base model again."""

@@ -9,7 +9,7 @@ from seal.data import QA, Passage
 from seal.generate import HFGenerator, Sampling
 from seal.generate.hf import stack_adapter
 from seal.graders import make_grader
-from seal.multi_lora import StackedLoRA, _LoRADelta, find_targets, padded_layout
+from seal.multi_lora import PaddedLayout, StackedLoRA, _LoRADelta, find_targets
 from seal.reward import Rewarder
 from seal.templates import TrainExample
 from seal.ttt import (
@@ -233,29 +233,37 @@ def test_parallel_adapters_from_memory(tokenizer):
     assert parallel_adapters(model, cfg, 10**6, available_bytes=1) == 1
 
 
-def test_lora_delta_backward_is_exact():
-    """The hand-written backward of the batched LoRA product passes autograd's numerical gradient check."""
+@pytest.mark.parametrize("offsets", [None, [2, 2, 7, 8]])
+def test_lora_delta_backward_is_exact(offsets):
+    """The hand-written backward of the batched LoRA product passes autograd's numerical gradient check, on
+    equal blocks and on packed runs of unequal length (one empty) laid out in zero-padded blocks."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    a = torch.randn(3, 2, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(3, 4, 2, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, a, b: _LoRADelta.apply(x, a, b, 2.5), (x, a, b))
-    torch.testing.assert_close(
-        _LoRADelta.apply(x, a, b, 2.5), 2.5 * x @ a.transpose(1, 2) @ b.transpose(1, 2)
+    layout = PaddedLayout(4, offsets)
+    x = torch.randn(8, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, 2, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 5, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a, b: _LoRADelta.apply(x, a, b, 2.5, layout), (x, a, b))
+    ends = offsets or [2, 4, 6, 8]
+    expected = torch.cat(
+        [2.5 * x[s:e] @ a[g].T @ b[g].T for g, (s, e) in enumerate(zip([0, *ends[:-1]], ends, strict=True))]
     )
+    torch.testing.assert_close(_LoRADelta.apply(x, a, b, 2.5, layout), expected)
 
 
 def test_padded_layout_round_trips_packed_runs():
-    """Gathering packed runs into padded blocks and scattering back restores every row; runs that are
-    already equal blocks need neither index."""
-    rows = torch.arange(9.0).unsqueeze(1)  # runs of 2, 0, 4 and 3 rows
-    block, gather, scatter = padded_layout([2, 2, 6, 9])
-    assert block == 4
-    padded = rows.index_select(0, gather).view(4, block, 1)
-    assert padded[0, :2].flatten().tolist() == [0, 1] and padded[2].flatten().tolist() == [2, 3, 4, 5]
-    assert padded[3, :3].flatten().tolist() == [6, 7, 8]
-    assert torch.equal(padded.flatten(0, 1).index_select(0, scatter), rows)
-    assert padded_layout([3, 6, 9]) == (3, None, None)
+    """Packed runs laid out in blocks start their block, are zero-padded and come back in packed order; a
+    gradient spread into blocks carries every packed row to its run's place; equal runs need no index."""
+    rows = torch.arange(1.0, 10.0).unsqueeze(1)  # runs of 2, 0, 4 and 3 rows
+    layout = PaddedLayout(4, [2, 2, 6, 9])
+    blocks = layout.blocks(rows)
+    assert layout.view(blocks).shape == (4, 4, 1)
+    assert blocks.flatten().tolist() == [1, 2, 0, 0, 0, 0, 0, 0, 3, 4, 5, 6, 7, 8, 9, 0]
+    assert torch.equal(layout.packed(blocks), rows)
+    spread = layout.spread(rows)
+    assert spread[:2].flatten().tolist() == [1, 2] and spread[8:12].flatten().tolist() == [3, 4, 5, 6]
+    assert torch.equal(layout.packed(spread), rows)
+    equal = PaddedLayout(3, [3, 6, 9])
+    assert equal.scatter is None and torch.equal(equal.blocks(rows), rows)
 
 
 def test_balanced_rows_are_consecutive_few_and_even():
