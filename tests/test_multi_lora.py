@@ -325,3 +325,34 @@ def test_stacked_gradients_land_in_persistent_buffers(tokenizer):
     assert stack.weights[2].grad is None
     stack.drop_gradients()
     assert all(w.grad is None for w in stack.weights)
+
+
+def test_two_forwards_in_one_route_add_their_gradients(tokenizer):
+    """Modules that run twice before one backward (two forwards in one route) give each adapter the sum of
+    both forwards' gradients, as autograd accumulates them."""
+    model = build_tiny_model(tokenizer)
+    stack = StackedLoRA(model, 2, r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
+    for k in range(2):
+        stack.init_adapter(k, seed=k)
+        for b in stack.lora_B[k]:
+            b.detach().normal_(generator=torch.Generator().manual_seed(k))
+    batches = [
+        torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]),
+        torch.tensor([[13, 14, 15, 16], [17, 18, 19, 20]]),
+    ]
+
+    def loss(ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids).logits.square().sum()
+
+    expected = [torch.zeros_like(w) for w in stack.weights]
+    for ids in batches:  # one backward per forward
+        stack.zero_grad([0, 1])
+        with stack.route([0, 1]):
+            loss(ids).backward()
+        for total, w in zip(expected, stack.weights, strict=True):
+            total += w.grad
+    stack.zero_grad([0, 1])
+    with stack.route([0, 1]):
+        (loss(batches[0]) + loss(batches[1])).backward()
+    for total, w in zip(expected, stack.weights, strict=True):
+        assert (w.grad - total).norm() <= 1e-5 * total.norm()
