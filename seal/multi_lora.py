@@ -174,7 +174,7 @@ class _LoRADelta(torch.autograd.Function):
         sink: tuple[StackedLoRA, int] | None = None,
     ):
         padded = layout.blocks(x) if padded is None else padded
-        h = _blocks_times(layout, padded, a.transpose(1, 2)).mul_(scaling)  # scaled on (R, r), the smallest
+        h = _blocks_times(layout, padded, a.transpose(1, 2)).mul_(scaling)  # scaled on (rows, r): smallest
         ctx.save_for_backward(padded, a, b, h)
         ctx.scaling, ctx.layout, ctx.sink = scaling, layout, sink
         return layout.packed(_blocks_times(layout, h, b.transpose(1, 2)))
@@ -208,7 +208,7 @@ def _blocks_times(layout: PaddedLayout, x: torch.Tensor, w: torch.Tensor) -> tor
 
 def _blocks_outer(
     layout: PaddedLayout, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, add: bool
-):
+) -> None:
     """Per adapter g, its block's ``left^T right`` (left (G * block, m), right (G * block, n)) written (or
     added) to out[g]."""
     product = torch.bmm(layout.view(left).transpose(1, 2), layout.view(right), out=None if add else out)
@@ -264,7 +264,7 @@ class StackedLoRA(nn.Module):
         self._views: dict[tuple[str, int], tuple[torch.Tensor, list[torch.Tensor]]] = {}  # see _rows_split
         self._cache: dict[tuple, list[torch.Tensor]] = {}
         self._routed: tuple[tuple, list[torch.Tensor]] | None = None  # this forward's matrices
-        self._last_input: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self._last_input: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor] | None = None  # see _input
         self._handles = [module.register_forward_hook(self._make_hook(i)) for i, module in enumerate(modules)]
 
     def views(self, k: int) -> list[torch.Tensor]:
@@ -385,8 +385,8 @@ class StackedLoRA(nn.Module):
         return buffer
 
     def _input(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """`x` in `dtype` as packed rows (T, in) and laid out in blocks (G, block, in). Made once for
-        consecutive modules that read the same input (q/k/v, gate/up)."""
+        """`x` in `dtype` as packed rows (T, in) and laid out in zero-padded blocks (G * block, in), outside
+        autograd. Made once for consecutive modules that read the same input (q/k/v, gate/up)."""
         version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
         last = self._last_input
         if last is not None and last[0] is x and last[1] == version and last[2].dtype == dtype:
