@@ -356,3 +356,31 @@ def test_two_forwards_in_one_route_add_their_gradients(tokenizer):
         (loss(batches[0]) + loss(batches[1])).backward()
     for total, w in zip(expected, stack.weights, strict=True):
         assert (w.grad - total).norm() <= 1e-5 * total.norm()
+
+
+def test_lora_dropout_masks_each_module_input_in_training_only(tokenizer):
+    """With lora_dropout, training forwards drop LoRA inputs (the output and gradients change) and an
+    evaluation-mode stack computes exactly what a dropout-free one does."""
+    model = build_tiny_model(tokenizer)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    outputs, grads = {}, {}
+    for p in (0.0, 0.5):
+        stack = StackedLoRA(model, 1, r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], lora_dropout=p)
+        stack.init_adapter(0, seed=0)
+        for b in stack.lora_B[0]:
+            b.detach().normal_(generator=torch.Generator().manual_seed(1))
+        for mode in ("train", "eval"):
+            getattr(stack, mode)()
+            torch.manual_seed(0)
+            stack.zero_grad([0])
+            with stack.route([0]):
+                logits = model(input_ids=ids).logits
+            logits.square().sum().backward()
+            outputs[p, mode], grads[p, mode] = logits.detach(), stack.weights[0].grad.clone()
+        stack.remove()
+    torch.testing.assert_close(outputs[0.5, "eval"], outputs[0.0, "eval"])
+    torch.testing.assert_close(grads[0.5, "eval"], grads[0.0, "eval"])
+    assert not torch.allclose(outputs[0.5, "train"], outputs[0.0, "train"])
+    assert torch.isfinite(grads[0.5, "train"]).all() and not torch.allclose(
+        grads[0.5, "train"], grads[0.0, "train"]
+    )
