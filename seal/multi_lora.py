@@ -3,15 +3,14 @@
 Why not PEFT: PEFT refuses batches that mix adapters in training mode, and training K adapters one after
 another leaves a small model's matmuls too small to keep the CPU (or a GPU) busy. Here each adapter k has
 its own LoRA parameters ``A_k`` (r, in) and ``B_k`` (out, r) per target Linear, and a forward hook adds
-``scaling * x A_k^T B_k^T`` to adapter k's tokens: the participating adapters' weights are stacked (once
-per forward, for all modules) so the LoRA products of all of them are two batched matmuls. In generation
-the batch is equal blocks of rows, block g for the g-th adapter; in training it is packed sorted by adapter
-(:func:`seal.ttt.pack_sequences`), so adapter k's tokens are one contiguous run, and each module gathers
-the runs into padded blocks with one index op and scatters the result back with another. Because every
-adapter owns its parameters (one flat
-tensor each), a standard optimizer with one parameter group per adapter gives each its own learning rate
-and step count, and an adapter that sits a step out (no gradient) is left untouched, exactly as if it were
-trained alone.
+``scaling * x A_k^T B_k^T`` to adapter k's tokens: the participating adapters' weights are stacked (once per
+forward, for all modules) so the LoRA products of all of them are two batched matmuls. In generation the
+batch is equal blocks of rows, block g for the g-th adapter; in training it is packed sorted by adapter
+(:func:`seal.ttt.pack_sequences`), so adapter k's tokens are one contiguous run, and each module lays the
+runs out as zero-padded blocks with one index op and takes the result back with another. Because every
+adapter owns its parameters (one flat tensor each), a standard optimizer with one parameter group per
+adapter gives each its own learning rate and step count, and an adapter that sits a step out (no gradient)
+is left untouched, exactly as if it were trained alone.
 
 The hooks sit on the base ``nn.Linear`` modules (inside PEFT's LoRA layers when the model is a PeftModel),
 so PEFT adapters on the same model keep working; outside :meth:`StackedLoRA.route` the hooks add nothing.
@@ -133,9 +132,10 @@ class _CastStack(torch.autograd.Function):
         return buffer[: len(weights)]
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor | None):  # noqa: ANN205
+    def backward(ctx, grad: None):  # noqa: ANN205
+        # `grad` is None: the output's only consumers, the _LoRADelta nodes, return no gradient for it
         stack = ctx.stack
-        rows = stack._gradient_rows(len(ctx.weights), grad)
+        rows = stack._gradient_rows(len(ctx.weights))
         for row, weight in zip(rows, ctx.weights, strict=True):
             if weight.grad is None:
                 weight.grad = row.to(weight.dtype, copy=True)
@@ -362,17 +362,14 @@ class StackedLoRA(nn.Module):
         self._written.update((2 * i, 2 * i + 1))
         return self._grad_views[2 * i], self._grad_views[2 * i + 1], written
 
-    def _gradient_rows(self, rows: int, grad: torch.Tensor | None) -> torch.Tensor:
+    def _gradient_rows(self, rows: int) -> torch.Tensor:
         """The (G, P) gradient of the cast stack once backward has passed every module (slices of modules
-        that did not run are zeroed; `grad`, if autograd brings one, is added)."""
+        that did not run are zeroed)."""
         for j, view in enumerate(self._grad_views):
             if j not in self._written:
                 view.zero_()
         self._written = set()  # the next backward starts afresh
-        buffer = self._grad_buffer[:rows]
-        if grad is not None:
-            buffer.add_(grad)
-        return buffer
+        return self._grad_buffer[:rows]
 
     def _buffer(self, name: str, rows: int, dtype: torch.dtype) -> torch.Tensor:
         """The (rows, P) tensor of `dtype` kept in attribute `name` from step to step (fresh large tensors are
@@ -423,10 +420,10 @@ class StackedLoRA(nn.Module):
         With `offsets`, a (G,) tensor of run ends, the flattened batch (``row * seq_len + col``) is sorted by
         adapter: adapter groups[g] acts on positions ``offsets[g-1]`` (0 for g = 0) to ``offsets[g]``, and
         ``offsets[-1]`` is the number of tokens in the batch (packed training, see
-        :func:`seal.ttt.pack_sequences`). Each module gathers the runs into padded blocks (one index per
-        step, shared by all modules), multiplies them with two batched matmuls and scatters the result back:
-        a constant number of ops per module whatever G is. (``torch._grouped_mm`` needs no padding, but on
-        CPU it runs one small GEMM per adapter per module: ~20k GEMMs in a 16-adapter SmolLM2 step.)
+        :func:`seal.ttt.pack_sequences`). Each module lays the runs out as zero-padded blocks (indices made
+        once per step, shared by all modules), multiplies them with two batched matmuls and takes the result
+        back: a constant number of ops per module whatever G is. (``torch._grouped_mm`` needs no padding, but
+        on CPU it runs one small GEMM per adapter per module: ~20k GEMMs in a 16-adapter SmolLM2 step.)
         """
         groups = [int(g) for g in groups]
         if not groups or min(groups) < 0 or max(groups) >= self.num_adapters:
