@@ -56,53 +56,69 @@ def find_targets(model: nn.Module, target_modules: Sequence[str]) -> dict[str, n
 
 
 class PaddedLayout:
-    """How the packed rows of a batch, one contiguous run per adapter, are laid out as G equal blocks
-    (G * block, d) for batched matmuls, and back.
+    """How the T rows of a batch, each of one of G adapters or of none, are laid out as G equal zero-padded
+    blocks (G * block, d) for batched matmuls, and back.
 
-    Run g holds rows ``offsets[g-1]:offsets[g]`` of a (T, d) tensor. :meth:`blocks` puts run g at the start
-    of block g and fills the rest of the block with zero rows, :meth:`packed` takes a blocked result back to
-    the T rows, and :meth:`spread` lays a (T, d) gradient out in blocks with copies of real rows in the
+    ``token_group[t]`` is the adapter (0..G-1) of row t, or -1 for a row no adapter acts on (the padding at
+    the end of a packed row: it keeps the base model's output). Adapter g's rows, in order, fill the start
+    of block g; a block is as long as the largest adapter's share. :meth:`blocks` lays rows out so (the rest
+    of each block zero), :meth:`packed` takes a blocked result back to the T rows (zero for rows of no
+    adapter), and :meth:`spread` lays a (T, d) gradient out in blocks with arbitrary real rows in the
     padding: exact in :class:`_LoRADelta`, where the padding rows' inputs are zero and so are their
-    contributions to the weight gradients. Each direction is one row gather or copy, where autograd's own
-    backward of a gather zero-fills the padded shape and scatter-adds into it. Without `offsets` (or when the
-    runs are equal) the batch already is G equal blocks and every method returns its input.
+    contributions to the weight gradients. Each direction is one row copy or gather, where autograd's own
+    backward of a gather zero-fills the padded shape and scatter-adds into it. The rows of no adapter are
+    parked past the blocks (one row each, so no index repeats), and a result to be :meth:`packed` carries
+    one zero row after its blocks for them to read (:func:`_blocks_times` with ``tail``). Without
+    `token_group`, or when the rows already are G equal blocks in order, every method returns its input.
     """
 
-    def __init__(self, groups: int, offsets: Sequence[int] | None = None, device: torch.device | None = None):
+    def __init__(self, groups: int, token_group: torch.Tensor | None = None):
         self.groups = groups
-        self.scatter = self.spread_index = None
-        self.rows = 0  # rows of the padded layout (when not equal blocks)
-        if offsets is None:
+        self.slot = self.take = self.source = None
+        self.rows = self.parked = 0  # rows of the padded layout (when not the identity), rows of no adapter
+        if token_group is None:
             return
-        ends = list(offsets)
-        starts = [0, *ends[:-1]]
-        counts = [e - s for s, e in zip(starts, ends, strict=True)]
-        block = max(max(counts), 1)
-        if all(c == block for c in counts):
-            return
+        group = token_group.to(torch.long)
+        real = group >= 0
+        counts = torch.bincount(group[real], minlength=groups)
+        if counts.numel() > groups:
+            raise IndexError(f"token_group holds adapter {counts.numel() - 1}, but only {groups} are routed")
+        block = max(int(counts.max()), 1)
+        position = torch.arange(group.numel(), device=group.device)
+        if bool(real.all()) and bool((counts == block).all()) and bool((group == position // block).all()):
+            return  # already G equal blocks in order
         self.rows = groups * block
-        # the padded row of each packed row; a padding row's gradient: its run's last row's (any would do)
-        self.scatter = torch.tensor(
-            [g * block + t for g, c in enumerate(counts) for t in range(c)], device=device
-        )
-        spread = [min(s + t, max(e - 1, 0)) for s, e in zip(starts, ends, strict=True) for t in range(block)]
-        self.spread_index = torch.tensor(spread, device=device)
+        # each real row's rank among its adapter's rows: a stable sort by adapter, minus the run's start
+        order = torch.sort(group.masked_fill(~real, groups), stable=True).indices[: int(real.sum())]
+        in_order = group[order]
+        rank = position[: order.numel()] - (torch.cumsum(counts, 0) - counts)[in_order]
+        self.take = torch.full_like(group, self.rows)  # rows of no adapter read the zero row
+        self.take[order] = in_order * block + rank
+        self.parked = int((~real).sum())
+        self.slot = self.take.clone()
+        self.slot[~real] = self.rows + position[: self.parked]
+        self.source = torch.zeros(self.rows, dtype=torch.long, device=group.device)
+        self.source[self.take[order]] = order
 
     def blocks(self, x: torch.Tensor) -> torch.Tensor:
         """(T, d) -> (G * block, d), padding rows zero."""
-        if self.scatter is not None:
-            return x.new_zeros(self.rows, x.shape[-1]).index_copy_(0, self.scatter, x)
+        if self.slot is not None:
+            if x.shape[0] != self.slot.numel():
+                raise RuntimeError(f"{x.shape[0]} rows routed, but token_group has {self.slot.numel()}")
+            out = x.new_zeros(self.rows + self.parked, x.shape[-1]).index_copy_(0, self.slot, x)
+            return out[: self.rows]
         if x.shape[0] % self.groups:
             raise RuntimeError(f"{x.shape[0]} rows cannot be split into {self.groups} adapter groups")
         return x
 
     def packed(self, y: torch.Tensor) -> torch.Tensor:
-        """(G * block, d) -> (T, d): the real rows in packed order."""
-        return y if self.scatter is None else y.index_select(0, self.scatter)
+        """(G * block + 1, d), the last row zero -> (T, d): the real rows in packed order, zero rows for rows
+        of no adapter."""
+        return y if self.take is None else y.index_select(0, self.take)
 
     def spread(self, grad: torch.Tensor) -> torch.Tensor:
         """(T, d) -> (G * block, d), padding rows copies of real rows (see the class docstring)."""
-        return grad if self.spread_index is None else grad.index_select(0, self.spread_index)
+        return grad if self.source is None else grad.index_select(0, self.source)
 
     def view(self, x: torch.Tensor) -> torch.Tensor:
         """(G * block, d) -> (G, block, d)."""
@@ -115,18 +131,18 @@ class _CastStack(torch.autograd.Function):
     Every module's A and B are views of this buffer taken outside autograd; :class:`_LoRADelta` writes their
     gradients into the same slices of a second reused buffer (:meth:`StackedLoRA._gradient_slices`) and hands
     autograd none, so this node's backward gets no gradient (``None``) and runs after all of theirs: it
-    copies each row of that buffer into its adapter's float32 ``.grad`` (the buffer
-    :meth:`StackedLoRA.zero_grad` keeps: a converting copy for the first contribution after it was zeroed,
-    else an add). Autograd's own route (views of the output, then split-backward) concatenates the 420
-    pieces' gradients into a fresh (G, P) tensor per step, 312 MB for 16 SmolLM2 adapters, page-faulted in
-    anew each time (86 ms against 27 ms into a kept buffer), and its float32 AccumulateGrad add ran at 25 ms
-    per adapter where the converting copy takes 2.7 ms. Tensor hooks on the flat parameters do not fire.
+    copies each row of that buffer into its adapter's float32 ``.grad``, a converting copy into a buffer
+    kept for the adapter from step to step when the gradient was cleared (``zero_grad()``), else an add.
+    Autograd's own route (views of the output, then split-backward) concatenates the 420 pieces' gradients
+    into a fresh (G, P) tensor per step, 312 MB for 16 SmolLM2 adapters, page-faulted in anew each time
+    (86 ms against 27 ms into a kept buffer), and its float32 AccumulateGrad add ran at 25 ms per adapter
+    where the converting copy takes 2.7 ms. Tensor hooks on the flat parameters do not fire.
     """
 
     @staticmethod
     def forward(ctx, stack: StackedLoRA, buffer: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:  # noqa: ANN205
         ctx.set_materialize_grads(False)
-        ctx.stack, ctx.weights = stack, weights
+        ctx.stack, ctx.weights, ctx.groups = stack, weights, list(stack._groups)
         for row, weight in zip(buffer, weights, strict=False):
             row.copy_(weight)
         return buffer[: len(weights)]
@@ -136,12 +152,11 @@ class _CastStack(torch.autograd.Function):
         # `grad` is None: the output's only consumers, the _LoRADelta nodes, return no gradient for it
         stack = ctx.stack
         rows = stack._gradient_rows(len(ctx.weights))
-        for row, weight in zip(rows, ctx.weights, strict=True):
-            if weight.grad is None:
-                weight.grad = row.to(weight.dtype, copy=True)
-            elif id(weight) in stack._zeroed:
-                stack._zeroed.discard(id(weight))
-                weight.grad.copy_(row)  # its first contribution since zero_grad: a plain converting copy
+        for k, row, weight in zip(ctx.groups, rows, ctx.weights, strict=True):
+            if weight.grad is None:  # a plain converting copy into the adapter's kept buffer
+                if k not in stack._grads:
+                    stack._grads[k] = torch.empty_like(weight)
+                weight.grad = stack._grads[k].copy_(row)
             else:
                 # converting first: an in-place add of a bf16 into a float32 tensor runs ~10x slower
                 weight.grad.add_(row.to(weight.dtype))
@@ -177,7 +192,7 @@ class _LoRADelta(torch.autograd.Function):
         h = _blocks_times(layout, padded, a.transpose(1, 2)).mul_(scaling)  # scaled on (rows, r): smallest
         ctx.save_for_backward(padded, a, b, h)
         ctx.scaling, ctx.layout, ctx.sink = scaling, layout, sink
-        return layout.packed(_blocks_times(layout, h, b.transpose(1, 2)))
+        return layout.packed(_blocks_times(layout, h, b.transpose(1, 2), tail=True))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN205
@@ -185,7 +200,9 @@ class _LoRADelta(torch.autograd.Function):
         layout = ctx.layout
         grad = layout.spread(grad)
         grad_h = _blocks_times(layout, grad, b).mul_(ctx.scaling)  # d/d(x A^T)
-        grad_x = layout.packed(_blocks_times(layout, grad_h, a)) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = layout.packed(_blocks_times(layout, grad_h, a, tail=True))
         if ctx.sink is not None:
             stack, i = ctx.sink
             grad_a, grad_b, add = stack._gradient_slices(i)
@@ -201,9 +218,15 @@ class _LoRADelta(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
-def _blocks_times(layout: PaddedLayout, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Rows x (G * block, k) in `layout`'s blocks times their adapter's w (G, k, n): (G * block, n)."""
-    return torch.bmm(layout.view(x), w).flatten(0, 1)
+def _blocks_times(layout: PaddedLayout, x: torch.Tensor, w: torch.Tensor, tail: bool = False) -> torch.Tensor:
+    """Rows x (G * block, k) in `layout`'s blocks times their adapter's w (G, k, n): (G * block, n), with
+    `tail` followed by the zero row :meth:`PaddedLayout.packed` reads for rows of no adapter."""
+    if not tail or layout.take is None:
+        return torch.bmm(layout.view(x), w).flatten(0, 1)
+    out = x.new_empty(layout.rows + 1, w.shape[-1])
+    out[layout.rows].zero_()
+    torch.bmm(layout.view(x), w, out=out[: layout.rows].view(layout.groups, -1, w.shape[-1]))
+    return out
 
 
 def _blocks_outer(
@@ -223,8 +246,9 @@ class StackedLoRA(nn.Module):
     module; its effective weight there is ``W + scaling * B @ A``, as in PEFT. Each adapter's weights live
     in one flat parameter, ``weights[k]``, of which these matrices are views: the optimizer and gradient
     clipping then handle one tensor per adapter instead of two per module (420 on SmolLM2), which is most
-    of their per-step cost when there are many adapters. :meth:`zero_grad` gives the adapters of a step a
-    zeroed gradient that lives from step to step.
+    of their per-step cost when there are many adapters. A backward after ``zero_grad()`` (gradients set to
+    None, as by default) writes each routed adapter's gradient into a buffer kept for it from step to step,
+    so a tensor taken from ``weights[k].grad`` is overwritten by a later step (copy it to keep it).
     """
 
     def __init__(
@@ -254,8 +278,7 @@ class StackedLoRA(nn.Module):
         self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._groups: list[int] | None = None
         self._layout: PaddedLayout | None = None
-        self._grads: dict[int, torch.Tensor] = {}
-        self._zeroed: set[int] = set()  # ids of weights whose .grad is zeroed and not yet written to
+        self._grads: dict[int, torch.Tensor] = {}  # adapter -> its kept gradient buffer (see _CastStack)
         self._cast_buffer: torch.Tensor | None = None  # the routed weights in the compute dtype (training)
         self._grad_buffer: torch.Tensor | None = None  # their gradients, same layout (see _CastStack)
         self._grad_views: list[torch.Tensor] = []  # per matrix, (G, rows, cols) views of _grad_buffer
@@ -285,26 +308,11 @@ class StackedLoRA(nn.Module):
         """Adapter k's parameters (one optimizer parameter group per adapter)."""
         return [self.weights[k]]
 
-    def zero_grad(self, active: Sequence[int]) -> None:
-        """Give exactly the adapters in `active` a zeroed gradient and the others none, so that an optimizer
-        steps only them. The buffers are allocated once and reused rather than a fresh flat gradient per
-        adapter per step (39 MB on SmolLM2 at r=32, page-faulted in anew each time)."""
-        active = set(active)
-        for k, weight in enumerate(self.weights):
-            if k not in active:
-                weight.grad = None
-                continue
-            if k not in self._grads:
-                self._grads[k] = torch.zeros_like(weight)
-            weight.grad = self._grads[k].zero_()
-            self._zeroed.add(id(weight))
-
     def drop_gradients(self) -> None:
-        """Remove every adapter's gradient and free the buffers :meth:`zero_grad` keeps."""
+        """Remove every adapter's gradient and free the buffers kept for them."""
         for weight in self.weights:
             weight.grad = None
         self._grads.clear()
-        self._zeroed.clear()
         self._cast_buffer = self._grad_buffer = None
         self._grad_views = []
         self._views.clear()
@@ -412,27 +420,27 @@ class StackedLoRA(nn.Module):
 
     @contextlib.contextmanager
     def route(
-        self, groups: Sequence[int] | torch.Tensor, offsets: torch.Tensor | None = None
+        self, groups: Sequence[int] | torch.Tensor, token_group: torch.Tensor | None = None
     ) -> Iterator[None]:
         """Apply adapters ``groups[g]`` (g = 0..G-1) to the batch inside this context.
 
-        Without `offsets` the batch is G equal blocks of rows, block g for adapter groups[g] (generation).
-        With `offsets`, a (G,) tensor of run ends, the flattened batch (``row * seq_len + col``) is sorted by
-        adapter: adapter groups[g] acts on positions ``offsets[g-1]`` (0 for g = 0) to ``offsets[g]``, and
-        ``offsets[-1]`` is the number of tokens in the batch (packed training, see
-        :func:`seal.ttt.pack_sequences`). Each module lays the runs out as zero-padded blocks (indices made
-        once per step, shared by all modules), multiplies them with two batched matmuls and takes the result
-        back: a constant number of ops per module whatever G is. (``torch._grouped_mm`` needs no padding, but
-        on CPU it runs one small GEMM per adapter per module: ~20k GEMMs in a 16-adapter SmolLM2 step.)
+        Without `token_group` the batch is G equal blocks of rows, block g for adapter groups[g]
+        (generation). With it, a flat tensor with one entry per position of the batch (``row * seq_len +
+        col``), adapter groups[g] acts on the positions where it is g, and none on those where it is -1
+        (packed training: :class:`seal.ttt.PackedBatch`'s ``token_group``). Each module lays the adapters'
+        positions out as zero-padded blocks (indices made once per step, shared by all modules), multiplies
+        them with two batched matmuls and takes the result back: a constant number of ops per module
+        whatever G is. (``torch._grouped_mm`` needs no padding, but on CPU it runs one small GEMM per
+        adapter per module: ~20k GEMMs in a 16-adapter SmolLM2 step.)
         """
         groups = [int(g) for g in groups]
         if not groups or min(groups) < 0 or max(groups) >= self.num_adapters:
             raise IndexError(f"adapter indices must be in [0, {self.num_adapters}), got {groups}")
-        if offsets is not None and tuple(offsets.shape) != (len(groups),):
-            raise ValueError(f"offsets has shape {tuple(offsets.shape)}, expected ({len(groups)},)")
+        if token_group is not None and token_group.dim() != 1:
+            shape = tuple(token_group.shape)
+            raise ValueError(f"token_group must be flat (one entry per position), got shape {shape}")
         self._groups = groups
-        ends = None if offsets is None else [int(e) for e in offsets.tolist()]
-        self._layout = PaddedLayout(len(groups), ends, self.weights[0].device)
+        self._layout = PaddedLayout(len(groups), token_group)
         try:
             yield
         finally:

@@ -306,8 +306,8 @@ class BatchedTTT:
                     PACK_LENGTH,
                     device,
                 )
-                stack.zero_grad(active)  # adapters sitting this step out get no gradient: AdamW skips them
-                with stack.route(active, batch.offsets), autocast(device, self.cfg.ttt_autocast):
+                stack.zero_grad()  # set to None: adapters sitting this step out get none, AdamW skips them
+                with stack.route(active, batch.token_group), autocast(device, self.cfg.ttt_autocast):
                     per_adapter = self._losses(batch, len(active), split)
                 per_adapter.sum().backward()  # no shared parameters: each adapter gets its own gradient
                 for k in active:
@@ -362,21 +362,20 @@ class BatchedTTT:
 
 @dataclass
 class PackedBatch:
-    """Sequences of several adapters packed into rows without padding between them, sorted by adapter.
+    """Sequences of several adapters packed into rows without padding between them.
 
     Each row holds whole sequences back to back; ``position_ids`` restart at 0 for every sequence, which is
     how transformers recognises packed sequences and keeps attention within each one (no attention mask
-    is passed). Read row after row, the batch lists group 0's sequences, then group 1's, and so on, so
-    each group's tokens are one contiguous run of the flattened batch, ending at ``offsets[g]`` (the
-    padding at a row's end joins the run it follows; it is its own sequence and has no target).
-    ``targets`` are next-token labels already shifted within each sequence.
+    is passed). Read row after row, the batch lists group 0's sequences, then group 1's, and so on; the
+    padding at a row's end is its own sequence, of no group and with no target. ``targets`` are next-token
+    labels already shifted within each sequence; ``token_group`` routes each position to its group's
+    adapter (:meth:`seal.multi_lora.StackedLoRA.route`).
     """
 
     input_ids: torch.Tensor  # (rows, length)
     position_ids: torch.Tensor  # (rows, length)
     targets: torch.Tensor  # (rows * length,), IGNORE_INDEX where there is nothing to predict
     token_group: torch.Tensor  # (rows * length,), the group of each position, -1 for padding
-    offsets: torch.Tensor  # (groups,) int32: where each group's run ends in the flattened batch
 
 
 def pack_sequences(
@@ -402,7 +401,6 @@ def pack_sequences(
     position_ids = torch.zeros((len(rows), length), dtype=torch.long)
     targets = torch.full((total,), IGNORE_INDEX, dtype=torch.long)
     token_group = torch.full((total,), -1, dtype=torch.long)
-    first = [total] * len(groups)  # where each group's run starts
     for r, members in enumerate(rows):
         col = 0
         for i in members:
@@ -412,19 +410,13 @@ def pack_sequences(
             position_ids[r, col : col + n] = torch.arange(n)
             targets[start : start + n - 1] = torch.tensor(labels[1:], dtype=torch.long)
             token_group[start : start + n] = g
-            first[g] = min(first[g], start)
             col += n
         position_ids[r, col:] = torch.arange(length - col)  # padding: its own "sequence", no loss
-    # group g's run ends where the next non-empty group's begins; an empty group has an empty run
-    ends = [total] * len(groups)
-    for g in range(len(groups) - 2, -1, -1):
-        ends[g] = first[g + 1] if first[g + 1] < total else ends[g + 1]
     return PackedBatch(
         input_ids.to(device),
         position_ids.to(device),
         targets.to(device),
         token_group.to(device),
-        torch.tensor(ends, dtype=torch.int32, device=device),
     )
 
 

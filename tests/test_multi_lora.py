@@ -150,13 +150,11 @@ def test_packing_keeps_sequences_apart_and_matches_padded_forward(tokenizer):
     batch = pack_sequences(seqs, pad_id=0, capacity=6, device=torch.device("cpu"))
     rows, length = batch.input_ids.shape
     assert rows == 2 and length <= 6
-    flat_ids, ends = batch.input_ids.reshape(-1), batch.offsets.tolist()
-    assert ends[-1] == rows * length and batch.offsets.dtype == torch.int32
-    for g, group in enumerate(seqs):  # each group's run holds exactly its sequences' tokens (+ padding)
-        run = range(ends[g - 1] if g else 0, ends[g])
-        listed = [int(flat_ids[t]) for t in run if batch.token_group[t] == g]
+    flat_ids = batch.input_ids.reshape(-1)
+    for g, group in enumerate(seqs):  # each group's positions hold exactly its sequences' tokens
+        listed = [int(t) for t in flat_ids[batch.token_group == g]]
         assert sorted(listed) == sorted(t for ids, _ in group for t in ids)
-        assert all(int(batch.token_group[t]) in (g, -1) for t in run)
+    assert bool((flat_ids[batch.token_group == -1] == 0).all())  # the rest is padding
     assert int((batch.targets != IGNORE_INDEX).sum()) == 3 + 1 + 2  # shifted within sequences only
     with torch.no_grad():
         packed = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
@@ -233,37 +231,46 @@ def test_parallel_adapters_from_memory(tokenizer):
     assert parallel_adapters(model, cfg, 10**6, available_bytes=1) == 1
 
 
-@pytest.mark.parametrize("offsets", [None, [2, 2, 7, 8]])
-def test_lora_delta_backward_is_exact(offsets):
+@pytest.mark.parametrize("token_group", [None, [0, 0, 2, 2, 2, -1, 2, 2, 3, -1, -1]])
+def test_lora_delta_backward_is_exact(token_group):
     """The hand-written backward of the batched LoRA product passes autograd's numerical gradient check, on
-    equal blocks and on packed runs of unequal length (one empty) laid out in zero-padded blocks."""
+    equal blocks and on packed rows of unequal shares (one adapter with none, rows of no adapter among
+    them) laid out in zero-padded blocks."""
     gen = torch.Generator().manual_seed(0)
-    layout = PaddedLayout(4, offsets)
-    x = torch.randn(8, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    group = torch.tensor(token_group or [0, 0, 1, 1, 2, 2, 3, 3])
+    layout = PaddedLayout(4, None if token_group is None else group)
+    x = torch.randn(group.numel(), 6, generator=gen, dtype=torch.float64, requires_grad=True)
     a = torch.randn(4, 2, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, 5, 2, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, a, b: _LoRADelta.apply(x, a, b, 2.5, layout), (x, a, b))
-    ends = offsets or [2, 4, 6, 8]
-    expected = torch.cat(
-        [2.5 * x[s:e] @ a[g].T @ b[g].T for g, (s, e) in enumerate(zip([0, *ends[:-1]], ends, strict=True))]
+    expected = torch.stack(
+        [2.5 * x[t] @ a[g].T @ b[g].T if g >= 0 else x.new_zeros(5) for t, g in enumerate(group.tolist())]
     )
     torch.testing.assert_close(_LoRADelta.apply(x, a, b, 2.5, layout), expected)
 
 
-def test_padded_layout_round_trips_packed_runs():
-    """Packed runs laid out in blocks start their block, are zero-padded and come back in packed order; a
-    gradient spread into blocks carries every packed row to its run's place; equal runs need no index."""
-    rows = torch.arange(1.0, 10.0).unsqueeze(1)  # runs of 2, 0, 4 and 3 rows
-    layout = PaddedLayout(4, [2, 2, 6, 9])
+def test_padded_layout_round_trips_packed_rows():
+    """Each adapter's rows start its block, in order, zero-padded, and come back in their places; rows of no
+    adapter come back zero; a gradient spread into blocks carries every real row to its place; rows already
+    in equal blocks need no index."""
+    rows = torch.arange(1.0, 11.0).unsqueeze(1)
+    group = torch.tensor([0, 0, -1, 2, 2, 2, 2, 3, 3, 3])  # shares of 2, 0, 4 and 3 rows; row 3 of none
+    layout = PaddedLayout(4, group)
     blocks = layout.blocks(rows)
     assert layout.view(blocks).shape == (4, 4, 1)
-    assert blocks.flatten().tolist() == [1, 2, 0, 0, 0, 0, 0, 0, 3, 4, 5, 6, 7, 8, 9, 0]
-    assert torch.equal(layout.packed(blocks), rows)
+    assert blocks.flatten().tolist() == [1, 2, 0, 0, 0, 0, 0, 0, 4, 5, 6, 7, 8, 9, 10, 0]
+    with_zero_row = torch.cat([blocks, blocks.new_zeros(1, 1)])  # as _blocks_times(..., tail=True) gives
+    assert layout.packed(with_zero_row).flatten().tolist() == [1, 2, 0, 4, 5, 6, 7, 8, 9, 10]
     spread = layout.spread(rows)
-    assert spread[:2].flatten().tolist() == [1, 2] and spread[8:12].flatten().tolist() == [3, 4, 5, 6]
-    assert torch.equal(layout.packed(spread), rows)
-    equal = PaddedLayout(3, [3, 6, 9])
-    assert equal.scatter is None and torch.equal(equal.blocks(rows), rows)
+    assert spread[:2].flatten().tolist() == [1, 2]
+    assert spread[8:15].flatten().tolist() == [4, 5, 6, 7, 8, 9, 10]
+    equal = PaddedLayout(3, torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2]))
+    assert equal.take is None and torch.equal(equal.blocks(rows[:9]), rows[:9])
+    with pytest.raises(RuntimeError, match="10 rows routed, but token_group has 9"):
+        equal_but_wrong = PaddedLayout(3, torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, -1]))
+        equal_but_wrong.blocks(rows)
+    with pytest.raises(IndexError, match="adapter 4"):
+        PaddedLayout(3, torch.tensor([0, 4]))
 
 
 def test_balanced_rows_are_consecutive_few_and_even():
@@ -296,22 +303,26 @@ def test_frozen_linears_in_autocast_dtype_is_bit_identical_and_restored(tokenize
 
 def test_stacked_gradients_land_in_persistent_buffers(tokenizer):
     """Each routed adapter's gradient in a mixed packed batch equals its gradient when it is routed alone
-    on its own rows, lands in a buffer reused from step to step, and adapters left out of `zero_grad` get
-    none."""
+    on its own rows and lands in a buffer reused from step to step; adapters not routed get none."""
     model = build_tiny_model(tokenizer)
     stack = StackedLoRA(model, 3, r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
     for k in range(3):
         stack.init_adapter(k, seed=k)
         for b in stack.lora_B[k]:
             b.detach().normal_(generator=torch.Generator().manual_seed(k))  # nonzero: A gets a gradient too
-    # adapter 2 owns the first 3 tokens of the packed row, adapter 0 the other 5 (unequal runs: padded)
+    # adapter 2 owns the first 3 tokens of the packed row, adapter 0 the other 5 (unequal shares: padded)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
     positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
-    stack.zero_grad([0, 2])
-    with stack.route([2, 0], torch.tensor([3, 8])):
-        # transformers keeps packed sequences apart (position ids restarting) only without a cache
-        model(input_ids=ids, position_ids=positions, use_cache=False).logits.square().sum().backward()
+
+    def mixed_step() -> None:
+        stack.zero_grad()
+        with stack.route([2, 0], torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])):
+            # transformers keeps packed sequences apart (position ids restarting) only without a cache
+            model(input_ids=ids, position_ids=positions, use_cache=False).logits.square().sum().backward()
+
+    mixed_step()
     buffers = {k: stack.weights[k].grad for k in (0, 2)}
+    mixed = {k: g.clone() for k, g in buffers.items()}
     assert stack.weights[1].grad is None
 
     for k, span in ((2, slice(0, 3)), (0, slice(3, 8))):  # each adapter alone on its own sequence
@@ -319,10 +330,13 @@ def test_stacked_gradients_land_in_persistent_buffers(tokenizer):
         with stack.route([k]):
             model(input_ids=ids[:, span]).logits.square().sum().backward()
         alone = stack.weights[k].grad
-        assert (buffers[k] - alone).norm() <= 1e-4 * alone.norm()  # float32 summation order only
-    stack.zero_grad([0])
-    assert stack.weights[0].grad is buffers[0] and stack.weights[0].grad.abs().sum() == 0
-    assert stack.weights[2].grad is None
+        assert (mixed[k] - alone).norm() <= 1e-4 * alone.norm()  # float32 summation order only
+    stack.zero_grad()
+    assert all(w.grad is None for w in stack.weights)
+    mixed_step()
+    for k in (0, 2):  # the same buffers again, holding the same gradients
+        assert stack.weights[k].grad is buffers[k] and torch.equal(buffers[k], mixed[k])
+    assert stack.weights[1].grad is None
     stack.drop_gradients()
     assert all(w.grad is None for w in stack.weights)
 
@@ -346,12 +360,12 @@ def test_two_forwards_in_one_route_add_their_gradients(tokenizer):
 
     expected = [torch.zeros_like(w) for w in stack.weights]
     for ids in batches:  # one backward per forward
-        stack.zero_grad([0, 1])
+        stack.zero_grad()
         with stack.route([0, 1]):
             loss(ids).backward()
         for total, w in zip(expected, stack.weights, strict=True):
             total += w.grad
-    stack.zero_grad([0, 1])
+    stack.zero_grad()
     with stack.route([0, 1]):
         (loss(batches[0]) + loss(batches[1])).backward()
     for total, w in zip(expected, stack.weights, strict=True):
@@ -372,7 +386,7 @@ def test_lora_dropout_masks_each_module_input_in_training_only(tokenizer):
         for mode in ("train", "eval"):
             getattr(stack, mode)()
             torch.manual_seed(0)
-            stack.zero_grad([0])
+            stack.zero_grad()
             with stack.route([0]):
                 logits = model(input_ids=ids).logits
             logits.square().sum().backward()
