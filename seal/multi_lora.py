@@ -34,6 +34,7 @@ from torch import nn
 from seal.utils import compute_dtype
 
 INIT_ADAPTER = "stacked-lora-init"
+DENSE_FROM = 4  # routed adapters from which each module's stacked matrices are made contiguous (_matrices)
 
 
 def find_targets(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Linear]:
@@ -281,6 +282,7 @@ class StackedLoRA(nn.Module):
         self._grads: dict[int, torch.Tensor] = {}  # adapter -> its kept gradient buffer (see _CastStack)
         self._cast_buffer: torch.Tensor | None = None  # the routed weights in the compute dtype (training)
         self._grad_buffer: torch.Tensor | None = None  # their gradients, same layout (see _CastStack)
+        self._dense_buffer: torch.Tensor | None = None  # the routed matrices, each contiguous (_matrices)
         self._grad_views: list[torch.Tensor] = []  # per matrix, (G, rows, cols) views of _grad_buffer
         self._written: set[int] = set()  # matrices whose gradient slice holds this backward's gradient
         self._link: torch.Tensor | None = None  # this forward's _CastStack output (ties the graph)
@@ -313,7 +315,7 @@ class StackedLoRA(nn.Module):
         for weight in self.weights:
             weight.grad = None
         self._grads.clear()
-        self._cast_buffer = self._grad_buffer = None
+        self._cast_buffer = self._grad_buffer = self._dense_buffer = None
         self._grad_views = []
         self._views.clear()
 
@@ -323,12 +325,18 @@ class StackedLoRA(nn.Module):
 
     def _matrices(self, dtype: torch.dtype) -> list[torch.Tensor]:
         """Every target module's matrices of the routed adapters in `dtype`: ``[A_0, B_0, A_1, B_1, ...]``,
-        A_i (G, r, in) and B_i (G, out, r), views of one (G, P) stack of the adapters' flat weights.
+        A_i (G, r, in) and B_i (G, out, r), each contiguous.
 
         Stacking and casting all modules at once, once per forward, costs a few whole-tensor ops per step
-        where one stack and cast per module cost ~5 ops x 210 modules (SmolLM2). With gradients the views
-        are taken outside autograd (``self._link`` is the stack's autograd output; see :class:`_CastStack`).
-        Without gradients (generation: many forwards per route) the stack is cached until :meth:`invalidate`.
+        where one stack and cast per module cost ~5 ops x 210 modules (SmolLM2). The stack is (G, P), one row
+        per adapter, so a module's matrices in it are G pieces a row apart; a batched matmul over such a view
+        runs 2-3x slower than over a contiguous (G, r, in) tensor (h B^T at 16 adapters, 128 rows each,
+        out 1536: 1.22 vs 0.44 ms). So without gradients (generation: many forwards per route) each module's
+        matrices are copied into a contiguous tensor, cached until :meth:`invalidate` (the bench's answer pass
+        for 16 adapters: 9.0 instead of 10.9 s). With gradients, from `DENSE_FROM` adapters on, they are
+        copied once per step, all in one ``_foreach_copy_`` into a kept buffer, outside autograd
+        (``self._link`` is the stack's autograd output; see :class:`_CastStack`): ~1 s of a 190 s bench run,
+        near its noise.
         """
         key = (tuple(self._groups), dtype)
         if self._routed is not None and self._routed[0] == key:
@@ -341,21 +349,32 @@ class StackedLoRA(nn.Module):
             self._link = _CastStack.apply(self, self._buffer("_cast_buffer", len(weights), dtype), *weights)
             self._grad_views = self._rows_split("_grad_buffer", len(weights), dtype)
             self._written = set()
+            mats = self._rows_split("_cast_buffer", len(weights), dtype)
+            if len(weights) >= DENSE_FROM:
+                dense = self._rows_split("_dense_buffer", len(weights), dtype, dense=True)
+                torch._foreach_copy_(dense, mats)
+                mats = dense
         else:
-            flat = torch.stack(weights).to(dtype)
-        mats = self._rows_split("_cast_buffer", len(weights), dtype) if grad else self._split(flat)
-        if not grad:
+            mats = [m.contiguous() for m in self._split(torch.stack(weights).to(dtype))]
             self._cache[key] = mats
         self._routed = (key, mats)
         return mats
 
-    def _rows_split(self, name: str, rows: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    def _rows_split(
+        self, name: str, rows: int, dtype: torch.dtype, dense: bool = False
+    ) -> list[torch.Tensor]:
         """:meth:`_split` of the first `rows` rows of the kept buffer `name`, made once per buffer and row
-        count (840 view ops on SmolLM2)."""
+        count (840 view ops on SmolLM2). `dense`: the same sizes of matrices, each contiguous (one after
+        another in the buffer's first `rows` rows, read flat)."""
         buffer = self._buffer(name, rows, dtype)
         key = (name, rows)
         if key not in self._views or self._views[key][0] is not buffer:
-            self._views[key] = (buffer, self._split(buffer[:rows]))
+            if dense:
+                pieces = buffer[:rows].view(-1).split([rows * size for size in self._sizes])
+                views = [piece.view(rows, *shape) for piece, shape in zip(pieces, self._shapes, strict=True)]
+            else:
+                views = self._split(buffer[:rows])
+            self._views[key] = (buffer, views)
         return self._views[key][1]
 
     def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:

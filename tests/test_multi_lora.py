@@ -4,6 +4,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from seal import multi_lora
 from seal.config import RewardConfig, TTTConfig
 from seal.data import QA, Passage
 from seal.generate import HFGenerator, Sampling
@@ -58,8 +59,11 @@ def peft_lora(model) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("scheduler", ["constant", "linear"])
-def test_batched_training_equals_training_each_adapter_alone(tokenizer, scheduler):
+@pytest.mark.parametrize(("scheduler", "dense_from"), [("constant", 100), ("linear", 100), ("linear", 1)])
+def test_batched_training_equals_training_each_adapter_alone(tokenizer, scheduler, dense_from, monkeypatch):
+    """Losses and trained weights match PEFT's, with each module's stacked matrices read from the (G, P)
+    stack or copied contiguous (dense_from: from how many routed adapters on, see StackedLoRA._matrices)."""
+    monkeypatch.setattr(multi_lora, "DENSE_FROM", dense_from)
     cfg = config(ttt_lr_scheduler=scheduler)
     model = wrap_for_adapters(build_tiny_model(tokenizer), cfg)
     sequential = TTT(model, tokenizer, cfg)
