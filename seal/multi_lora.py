@@ -64,7 +64,7 @@ class PaddedLayout:
     the end of a packed row: it keeps the base model's output). Adapter g's rows, in order, fill the start
     of block g; a block is as long as the largest adapter's share. :meth:`blocks` lays rows out so (the rest
     of each block zero), :meth:`packed` takes a blocked result back to the T rows (zero for rows of no
-    adapter), and :meth:`spread` lays a (T, d) gradient out in blocks with arbitrary real rows in the
+    adapter), and :meth:`spread` lays a (T, d) gradient out in blocks with copies of arbitrary rows in the
     padding: exact in :class:`_LoRADelta`, where the padding rows' inputs are zero and so are their
     contributions to the weight gradients. Each direction is one row copy or gather, where autograd's own
     backward of a gather zero-fills the padded shape and scatter-adds into it. The rows of no adapter are
@@ -118,7 +118,7 @@ class PaddedLayout:
         return y if self.take is None else y.index_select(0, self.take)
 
     def spread(self, grad: torch.Tensor) -> torch.Tensor:
-        """(T, d) -> (G * block, d), padding rows copies of real rows (see the class docstring)."""
+        """(T, d) -> (G * block, d), padding rows copies of arbitrary rows (see the class docstring)."""
         return grad if self.source is None else grad.index_select(0, self.source)
 
     def view(self, x: torch.Tensor) -> torch.Tensor:

@@ -499,12 +499,13 @@ def parallel_adapters(
 ) -> int:
     """How many adapters to train at once: `ttt_parallel_adapters`, or what half the free memory holds.
 
-    Per adapter: its stacked LoRA state (weights, gradients, two AdamW moments: 16 bytes per parameter) and
-    the activations a packed training step keeps for its tokens. Per token that is ~10 bytes per hidden
-    unit per layer, ~4 per MLP unit per layer (bf16, eager attention on short sequences) and ~10 per vocab
-    entry (bf16 logits, their float32 copy for the loss, its gradient): calibrated on SmolLM2-135M on CPU
-    with whole logits. The fused loss (:mod:`seal.losses`) holds no per-token logits, so for the models it
-    serves the vocabulary term only errs on the safe side (fewer adapters than memory would allow).
+    Per adapter: its stacked LoRA state (weights, gradients, two AdamW moments: 16 bytes per parameter; the
+    bf16 cast, contiguous and gradient stacks of a step: 6 more) and the activations a packed training step
+    keeps for its tokens. Per token that is ~10 bytes per hidden unit per layer, ~4 per MLP unit per layer
+    (bf16, eager attention on short sequences) and ~10 per vocab entry (bf16 logits, their float32 copy
+    for the loss, its gradient): calibrated on SmolLM2-135M on CPU with whole logits. The fused loss
+    (:mod:`seal.losses`) holds no per-token logits, so for the models it serves the vocabulary term only
+    errs on the safe side (fewer adapters than memory would allow).
     """
     if cfg.ttt_parallel_adapters > 0:
         return cfg.ttt_parallel_adapters
@@ -514,7 +515,7 @@ def parallel_adapters(
     per_token = layers * (10 * hidden + 4 * inter) + 10 * c.vocab_size
     targets = find_targets(model, cfg.ttt_target_modules).values()
     lora_params = sum(cfg.ttt_lora_r * (m.in_features + m.out_features) for m in targets)
-    per_adapter = 16 * lora_params + per_token * tokens_per_adapter_step
+    per_adapter = 22 * lora_params + per_token * tokens_per_adapter_step
     if available_bytes is None:
         available_bytes = free_memory(model_device(model))
     return max(1, min(64, int(0.5 * available_bytes // per_adapter)))
