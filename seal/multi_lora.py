@@ -129,7 +129,8 @@ class PaddedLayout:
 class _CastStack(torch.autograd.Function):
     """The routed adapters' flat weights cast into rows of a reused buffer: (G, P) in the compute dtype.
 
-    Every module's A and B are views of this buffer taken outside autograd; :class:`_LoRADelta` writes their
+    Every module's A and B are read from this buffer outside autograd (views of it, or from `DENSE_FROM`
+    adapters on contiguous copies: :meth:`StackedLoRA._matrices`); :class:`_LoRADelta` writes their
     gradients into the same slices of a second reused buffer (:meth:`StackedLoRA._gradient_slices`) and hands
     autograd none, so this node's backward gets no gradient (``None``) and runs after all of theirs: it
     copies each row of that buffer into its adapter's float32 ``.grad``, a converting copy into a buffer
@@ -172,8 +173,8 @@ class _LoRADelta(torch.autograd.Function):
     One node with its backward written out (four batched matmuls and a scale): autograd's own graph holds
     ~10 nodes per module (transposes, views, the scale, two matmuls, the gathers) whose fixed cost dominates
     the small steps of TTT at batch 1. `padded` is ``layout.blocks(x)`` when the caller has it already
-    (modules reading the same input share it). With `sink` ``(stack, i)``, A and B are views of the (G, P)
-    tensor `link` taken outside autograd and their gradients go to the slices ``stack._gradient_slices(i)``
+    (modules reading the same input share it). With `sink` ``(stack, i)``, A and B were read from the (G, P)
+    tensor `link` outside autograd and their gradients go to the slices ``stack._gradient_slices(i)``
     instead (see :class:`_CastStack`); `link` only ties this node to the graph.
     """
 
