@@ -305,15 +305,23 @@ def test_frozen_linears_in_autocast_dtype_is_bit_identical_and_restored(tokenize
         assert model.lm_head.weight.dtype == torch.float32
 
 
+def stack_with_nonzero_b(model, num_adapters: int, b_seed_offset: int = 0, **kwargs) -> StackedLoRA:
+    """Rank-4 adapters on q_proj and up_proj, adapter k initialised with seed k and its B drawn from seed
+    k + b_seed_offset: nonzero, so A gets a gradient too."""
+    targets = ["q_proj", "up_proj"]
+    stack = StackedLoRA(model, num_adapters, r=4, lora_alpha=8, target_modules=targets, **kwargs)
+    for k in range(num_adapters):
+        stack.init_adapter(k, seed=k)
+        for b in stack.lora_B[k]:
+            b.detach().normal_(generator=torch.Generator().manual_seed(k + b_seed_offset))
+    return stack
+
+
 def test_stacked_gradients_land_in_persistent_buffers(tokenizer):
     """Each routed adapter's gradient in a mixed packed batch equals its gradient when it is routed alone
     on its own rows and lands in a buffer reused from step to step; adapters not routed get none."""
     model = build_tiny_model(tokenizer)
-    stack = StackedLoRA(model, 3, r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
-    for k in range(3):
-        stack.init_adapter(k, seed=k)
-        for b in stack.lora_B[k]:
-            b.detach().normal_(generator=torch.Generator().manual_seed(k))  # nonzero: A gets a gradient too
+    stack = stack_with_nonzero_b(model, 3)
     # adapter 2 owns the first 3 tokens of the packed row, adapter 0 the other 5 (unequal shares: padded)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
     positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
@@ -349,11 +357,7 @@ def test_two_forwards_in_one_route_add_their_gradients(tokenizer):
     """Modules that run twice before one backward (two forwards in one route) give each adapter the sum of
     both forwards' gradients, as autograd accumulates them."""
     model = build_tiny_model(tokenizer)
-    stack = StackedLoRA(model, 2, r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
-    for k in range(2):
-        stack.init_adapter(k, seed=k)
-        for b in stack.lora_B[k]:
-            b.detach().normal_(generator=torch.Generator().manual_seed(k))
+    stack = stack_with_nonzero_b(model, 2)
     batches = [
         torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]),
         torch.tensor([[13, 14, 15, 16], [17, 18, 19, 20]]),
@@ -383,10 +387,7 @@ def test_lora_dropout_masks_each_module_input_in_training_only(tokenizer):
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     outputs, grads = {}, {}
     for p in (0.0, 0.5):
-        stack = StackedLoRA(model, 1, r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], lora_dropout=p)
-        stack.init_adapter(0, seed=0)
-        for b in stack.lora_B[0]:
-            b.detach().normal_(generator=torch.Generator().manual_seed(1))
+        stack = stack_with_nonzero_b(model, 1, b_seed_offset=1, lora_dropout=p)
         for mode in ("train", "eval"):
             getattr(stack, mode)()
             torch.manual_seed(0)
