@@ -6,11 +6,12 @@ its own LoRA parameters ``A_k`` (r, in) and ``B_k`` (out, r) per target Linear, 
 ``scaling * x A_k^T B_k^T`` to adapter k's tokens: the participating adapters' weights are stacked (once per
 forward, for all modules) so the LoRA products of all of them are two batched matmuls. In generation the
 batch is equal blocks of rows, block g for the g-th adapter; in training it is packed sorted by adapter
-(:func:`seal.ttt.pack_sequences`), so adapter k's tokens are one contiguous run, and each module lays the
-runs out as zero-padded blocks with one index op and takes the result back with another. Because every
-adapter owns its parameters (one flat tensor each), a standard optimizer with one parameter group per
-adapter gives each its own learning rate and step count, and an adapter that sits a step out (no gradient)
-is left untouched, exactly as if it were trained alone.
+(:func:`seal.ttt.pack_sequences`), and each module lays each adapter's tokens out as a zero-padded block
+with one index op and takes the result back with another; with only one or two adapters in a step it
+multiplies every row with all of them and masks instead (:class:`MaskedRows`). Because every adapter owns
+its parameters (one flat tensor each), a standard optimizer with one parameter group per adapter gives each
+its own learning rate and step count, and an adapter that sits a step out (no gradient) is left untouched,
+exactly as if it were trained alone.
 
 The hooks sit on the base ``nn.Linear`` modules (inside PEFT's LoRA layers when the model is a PeftModel),
 so PEFT adapters on the same model keep working; outside :meth:`StackedLoRA.route` the hooks add nothing.
@@ -35,6 +36,7 @@ from seal.utils import compute_dtype
 
 INIT_ADAPTER = "stacked-lora-init"
 DENSE_FROM = 4  # routed adapters from which each module's stacked matrices are made contiguous (_matrices)
+MASKED_UP_TO = 2  # most routed adapters for which a packed step masks rows instead (MaskedRows)
 
 
 def find_targets(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Linear]:
@@ -124,6 +126,32 @@ class PaddedLayout:
     def view(self, x: torch.Tensor) -> torch.Tensor:
         """(G * block, d) -> (G, block, d)."""
         return x.view(self.groups, -1, x.shape[-1])
+
+
+class MaskedRows:
+    """Rows routed to a few adapters by a mask instead of a layout (:class:`_LoRAMasked`): each module
+    multiplies all T rows with all G adapters' A at once, ``x [A_0; ...; A_{G-1}]^T`` (T, G * r), keeps in
+    each row only the r columns of its own adapter (none for a row of no adapter), scaled, and multiplies
+    with ``[B_0, ..., B_{G-1}]`` (out, G * r), adding into the module's output. That is two matmuls and a
+    multiply per module (six and a multiply with backward), against six batched matmuls and four index ops
+    for :class:`PaddedLayout`; on a CPU each op costs tens of microseconds however small (a bf16 matmul of
+    a 200-token step ~60 us), which dominates the small steps at the end of batched TTT, where one or two
+    adapters are left. The work grows with G, so it only pays for a few adapters (`MASKED_UP_TO`).
+    """
+
+    def __init__(self, groups: int, token_group: torch.Tensor, r: int, scaling: float):
+        group = token_group.to(torch.long)
+        if group.numel() and int(group.max()) >= groups:
+            raise IndexError(f"token_group holds adapter {int(group.max())}, but only {groups} are routed")
+        self.groups, self.rows = groups, group.numel()
+        columns = torch.arange(groups, device=group.device).repeat_interleave(r)
+        self._mask = (group.unsqueeze(1) == columns) * scaling  # (T, G * r): scaling or 0
+        self._masks: dict[torch.dtype, torch.Tensor] = {}
+
+    def mask(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._masks:
+            self._masks[dtype] = self._mask.to(dtype)
+        return self._masks[dtype]
 
 
 class _CastStack(torch.autograd.Function):
@@ -220,6 +248,50 @@ class _LoRADelta(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
+class _LoRAMasked(torch.autograd.Function):
+    """``output += x [A_0; ...]^T * mask [B_0, ...]^T`` in place (:class:`MaskedRows`): x (T, in), A (G * r,
+    in), B (out, G * r), mask (T, G * r) with the scaling in it. `link` and `sink` as for :class:`_LoRADelta`
+    (A's and B's gradients then go to the slices ``stack._gradient_slices(i)``, in these shapes)."""
+
+    @staticmethod
+    def forward(  # noqa: ANN205
+        ctx,
+        output: torch.Tensor,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        mask: torch.Tensor,
+        link: torch.Tensor | None = None,
+        sink: tuple[StackedLoRA, int] | None = None,
+    ):
+        h = torch.mm(x, a.t()).mul_(mask)
+        output.view(-1, output.shape[-1]).addmm_(h, b.t())
+        ctx.mark_dirty(output)
+        ctx.save_for_backward(x, a, b, mask, h)
+        ctx.sink = sink
+        return output
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN205
+        x, a, b, mask, h = ctx.saved_tensors
+        flat = grad.reshape(-1, grad.shape[-1])
+        grad_h = torch.mm(flat, b).mul_(mask)
+        grad_x = torch.mm(grad_h, a) if ctx.needs_input_grad[1] else None
+        if ctx.sink is not None:
+            stack, i = ctx.sink
+            grad_a, grad_b, add = stack._gradient_slices(i)
+        elif ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            grad_a, grad_b, add = torch.empty_like(a), torch.empty_like(b), False
+        else:
+            return grad, grad_x, None, None, None, None, None
+        beta = 1 if add else 0  # 0: the slices' old contents are ignored
+        grad_a.addmm_(grad_h.t(), x, beta=beta)
+        grad_b.addmm_(flat.t(), h, beta=beta)
+        if ctx.sink is not None:
+            grad_a = grad_b = None
+        return grad, grad_x, grad_a, grad_b, None, None, None
+
+
 def _blocks_times(layout: PaddedLayout, x: torch.Tensor, w: torch.Tensor, tail: bool = False) -> torch.Tensor:
     """Rows x (G * block, k) in `layout`'s blocks times their adapter's w (G, k, n): (G * block, n), with
     `tail` followed by the zero row :meth:`PaddedLayout.packed` reads for rows of no adapter."""
@@ -279,11 +351,13 @@ class StackedLoRA(nn.Module):
         )
         self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._groups: list[int] | None = None
-        self._layout: PaddedLayout | None = None
+        self._layout: PaddedLayout | MaskedRows | None = None
         self._grads: dict[int, torch.Tensor] = {}  # adapter -> its kept gradient buffer (see _CastStack)
         self._cast_buffer: torch.Tensor | None = None  # the routed weights in the compute dtype (training)
         self._grad_buffer: torch.Tensor | None = None  # their gradients, same layout (see _CastStack)
         self._dense_buffer: torch.Tensor | None = None  # the routed matrices, each contiguous (_matrices)
+        self._grad_cat_buffer: torch.Tensor | None = None  # their gradients for MaskedRows (_matrices)
+        self._grad_copies: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # see _gradient_rows
         self._grad_views: list[torch.Tensor] = []  # per matrix, (G, rows, cols) views of _grad_buffer
         self._written: set[int] = set()  # matrices whose gradient slice holds this backward's gradient
         self._link: torch.Tensor | None = None  # this forward's _CastStack output (ties the graph)
@@ -316,8 +390,8 @@ class StackedLoRA(nn.Module):
         for weight in self.weights:
             weight.grad = None
         self._grads.clear()
-        self._cast_buffer = self._grad_buffer = self._dense_buffer = None
-        self._grad_views = []
+        self._cast_buffer = self._grad_buffer = self._dense_buffer = self._grad_cat_buffer = None
+        self._grad_views, self._grad_copies = [], None
         self._views.clear()
 
     def invalidate(self) -> None:
@@ -339,24 +413,38 @@ class StackedLoRA(nn.Module):
         (``self._link`` is the stack's autograd output; see :class:`_CastStack`): ~1 s of a 190 s bench run,
         near its noise.
         """
-        key = (tuple(self._groups), dtype)
+        masked = isinstance(self._layout, MaskedRows)
+        key = (tuple(self._groups), dtype, masked)
         if self._routed is not None and self._routed[0] == key:
             return self._routed[1]
         weights = [self.weights[k] for k in self._groups]
+        rows = len(weights)
         grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
         if not grad and key in self._cache:
             return self._cache[key]
         if grad:
-            self._link = _CastStack.apply(self, self._buffer("_cast_buffer", len(weights), dtype), *weights)
-            self._grad_views = self._rows_split("_grad_buffer", len(weights), dtype)
+            self._link = _CastStack.apply(self, self._buffer("_cast_buffer", rows, dtype), *weights)
+            self._grad_views = self._rows_split("_grad_buffer", rows, dtype)
+            self._grad_copies = None
             self._written = set()
-            mats = self._rows_split("_cast_buffer", len(weights), dtype)
-            if len(weights) >= DENSE_FROM:
-                dense = self._rows_split("_dense_buffer", len(weights), dtype, dense=True)
+            mats = self._rows_split("_cast_buffer", rows, dtype)
+            if masked:
+                copies, cat = self._cat_split("_dense_buffer", rows, dtype)
+                torch._foreach_copy_(copies, mats)
+                mats = cat
+                grad_copies, self._grad_views = self._cat_split("_grad_cat_buffer", rows, dtype)
+                self._grad_copies = (self._rows_split("_grad_buffer", rows, dtype), grad_copies)
+            elif rows >= DENSE_FROM:
+                dense = self._rows_split("_dense_buffer", rows, dtype, dense=True)
                 torch._foreach_copy_(dense, mats)
                 mats = dense
         else:
             mats = [m.contiguous() for m in self._split(torch.stack(weights).to(dtype))]
+            if masked:  # A (G * r, in), B (out, G * r)
+                mats = [
+                    m.flatten(0, 1) if j % 2 == 0 else m.transpose(0, 1).flatten(1)
+                    for j, m in enumerate(mats)
+                ]
             self._cache[key] = mats
         self._routed = (key, mats)
         return mats
@@ -378,6 +466,28 @@ class StackedLoRA(nn.Module):
             self._views[key] = (buffer, views)
         return self._views[key][1]
 
+    def _cat_split(
+        self, name: str, rows: int, dtype: torch.dtype
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The first `rows` rows of the kept buffer `name` as every module's matrices for :class:`MaskedRows`,
+        each contiguous: ``[A_0, B_0, ...]`` with A_i (G * r, in) and B_i (out, G * r); and the same memory as
+        (G, r, in) and (G, out, r) views, to copy from and to the stack's layout. Made once per buffer and
+        row count."""
+        buffer = self._buffer(name, rows, dtype)
+        key = (name, rows, "cat")
+        if key not in self._views or self._views[key][0] is not buffer:
+            pieces = buffer[:rows].view(-1).split([rows * size for size in self._sizes])
+            copies, mats = [], []
+            for j, (piece, (dim0, dim1)) in enumerate(zip(pieces, self._shapes, strict=True)):
+                if j % 2 == 0:  # A: (G, r, in) is (G * r, in)
+                    copies.append(piece.view(rows, dim0, dim1))
+                    mats.append(piece.view(rows * dim0, dim1))
+                else:  # B: (out, G, r), seen as (G, out, r)
+                    copies.append(piece.view(dim0, rows, dim1).transpose(0, 1))
+                    mats.append(piece.view(dim0, rows * dim1))
+            self._views[key] = (buffer, (copies, mats))
+        return self._views[key][1]
+
     def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """(G, P) -> ``[A_0, B_0, ...]`` as (G, rows, cols) views."""
         pieces = flat.split(self._sizes, dim=1)
@@ -397,6 +507,8 @@ class StackedLoRA(nn.Module):
             if j not in self._written:
                 view.zero_()
         self._written = set()  # the next backward starts afresh
+        if self._grad_copies is not None:  # MaskedRows: from its matrices' layout to the stack's
+            torch._foreach_copy_(*self._grad_copies)
         return self._grad_buffer[:rows]
 
     def _buffer(self, name: str, rows: int, dtype: torch.dtype) -> torch.Tensor:
@@ -417,7 +529,7 @@ class StackedLoRA(nn.Module):
         if last is not None and last[0] is x and last[1] == version and last[2].dtype == dtype:
             return last[2], last[3]
         flat = x.to(dtype).reshape(-1, x.shape[-1])
-        blocks = self._layout.blocks(flat.detach())
+        blocks = self._layout.blocks(flat.detach()) if isinstance(self._layout, PaddedLayout) else None
         self._last_input = (x, version, flat, blocks)
         return flat, blocks
 
@@ -432,6 +544,10 @@ class StackedLoRA(nn.Module):
             if isinstance(self.dropout, nn.Dropout) and self.dropout.training:
                 x, padded = self.dropout(x), None  # a mask of its own per module, as in PEFT
             sink = (self, i) if self._link is not None and torch.is_grad_enabled() else None
+            if isinstance(self._layout, MaskedRows):
+                if x.shape[0] != self._layout.rows:
+                    raise RuntimeError(f"{x.shape[0]} rows routed, but token_group has {self._layout.rows}")
+                return _LoRAMasked.apply(output, x, a, b, self._layout.mask(dtype), self._link, sink)
             delta = _LoRADelta.apply(x, a, b, self.scaling, self._layout, padded, self._link, sink)
             # in place: a Linear's backward does not need its output
             return output.add_(delta.view(output.shape).to(output.dtype))
@@ -460,7 +576,10 @@ class StackedLoRA(nn.Module):
             shape = tuple(token_group.shape)
             raise ValueError(f"token_group must be flat (one entry per position), got shape {shape}")
         self._groups = groups
-        self._layout = PaddedLayout(len(groups), token_group)
+        if token_group is not None and len(groups) <= MASKED_UP_TO:
+            self._layout = MaskedRows(len(groups), token_group, self.r, self.scaling)
+        else:
+            self._layout = PaddedLayout(len(groups), token_group)
         try:
             yield
         finally:

@@ -10,7 +10,7 @@ from seal.data import QA, Passage
 from seal.generate import HFGenerator, Sampling
 from seal.generate.hf import stack_adapter
 from seal.graders import make_grader
-from seal.multi_lora import PaddedLayout, StackedLoRA, _LoRADelta, find_targets
+from seal.multi_lora import MaskedRows, PaddedLayout, StackedLoRA, _LoRADelta, _LoRAMasked, find_targets
 from seal.reward import Rewarder
 from seal.templates import TrainExample
 from seal.ttt import (
@@ -59,11 +59,19 @@ def peft_lora(model) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize(("scheduler", "dense_from"), [("constant", 100), ("linear", 100), ("linear", 1)])
-def test_batched_training_equals_training_each_adapter_alone(tokenizer, scheduler, dense_from, monkeypatch):
-    """Losses and trained weights match PEFT's, with each module's stacked matrices read from the (G, P)
-    stack or copied contiguous (dense_from: from how many routed adapters on, see StackedLoRA._matrices)."""
+@pytest.mark.parametrize(
+    ("scheduler", "dense_from", "masked_up_to"),
+    [("constant", 100, 2), ("linear", 100, 0), ("linear", 1, 0), ("linear", 100, 100)],
+)
+def test_batched_training_equals_training_each_adapter_alone(
+    tokenizer, scheduler, dense_from, masked_up_to, monkeypatch
+):
+    """Losses and trained weights match PEFT's, whichever way the steps compute the LoRA products: rows laid
+    out in blocks, the stacked matrices read from the (G, P) stack or copied contiguous (dense_from: from
+    how many routed adapters on, see StackedLoRA._matrices), or masked rows (masked_up_to: up to how many
+    routed adapters; JOBS train three adapters for 4 steps, then one for 4)."""
     monkeypatch.setattr(multi_lora, "DENSE_FROM", dense_from)
+    monkeypatch.setattr(multi_lora, "MASKED_UP_TO", masked_up_to)
     cfg = config(ttt_lr_scheduler=scheduler)
     model = wrap_for_adapters(build_tiny_model(tokenizer), cfg)
     sequential = TTT(model, tokenizer, cfg)
@@ -211,7 +219,7 @@ def test_schedule_decides_what_each_adapter_trains_on(tokenizer):
         torch.testing.assert_close(custom_weights[name], w)
 
 
-def test_route_validates_groups(tokenizer):
+def test_route_validates_groups(tokenizer, monkeypatch):
     model = build_tiny_model(tokenizer)
     stack = StackedLoRA(model, 2, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     assert len(stack.names) == 2 * model.config.num_hidden_layers
@@ -221,6 +229,13 @@ def test_route_validates_groups(tokenizer):
     ids = torch.tensor([[5, 6, 7]] * 3)
     with pytest.raises(RuntimeError, match="cannot be split"), stack.route([0, 1]):
         model(input_ids=ids)
+    for masked_up_to in (0, 2):  # laid out in blocks, or masked rows
+        monkeypatch.setattr(multi_lora, "MASKED_UP_TO", masked_up_to)
+        with pytest.raises(RuntimeError, match="9 rows routed, but token_group has 8"):
+            with stack.route([0, 1], torch.tensor([0, 0, 0, 0, 1, 1, 1, -1])):
+                model(input_ids=ids, use_cache=False)
+        with pytest.raises(IndexError, match="adapter 2"), stack.route([0, 1], torch.tensor([0, 2])):
+            pass
     with pytest.raises(ValueError, match="No Linear module"):
         find_targets(model, ["nonexistent"])
 
@@ -251,6 +266,27 @@ def test_lora_delta_backward_is_exact(token_group):
         [2.5 * x[t] @ a[g].T @ b[g].T if g >= 0 else x.new_zeros(5) for t, g in enumerate(group.tolist())]
     )
     torch.testing.assert_close(_LoRADelta.apply(x, a, b, 2.5, layout), expected)
+
+
+def test_masked_lora_backward_is_exact():
+    """The masked LoRA product (a few adapters: every row times every adapter's A, masked to its own) adds
+    to the output in place exactly what the blocked one computes, rows of no adapter and an adapter with no
+    rows included, and its hand-written backward passes autograd's numerical gradient check."""
+    gen = torch.Generator().manual_seed(0)
+    group = torch.tensor([1, 1, -1, 0, 0, 0, -1])  # adapter 2 has no rows
+    x = torch.randn(group.numel(), 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 2, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 5, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(group.numel(), 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = MaskedRows(3, group, r=2, scaling=2.5).mask(torch.float64)
+
+    def masked(base, x, a, b):  # A (G * r, in), B (out, G * r)
+        return _LoRAMasked.apply(base.clone(), x, a.flatten(0, 1), b.transpose(0, 1).flatten(1), mask)
+
+    assert torch.autograd.gradcheck(masked, (base, x, a, b))
+    blocked = base + _LoRADelta.apply(x, a, b, 2.5, PaddedLayout(3, group))
+    torch.testing.assert_close(masked(base, x, a, b), blocked)
+    assert torch.equal(masked(base, x, a, b)[group < 0], base[group < 0])  # rows of no adapter: untouched
 
 
 def test_padded_layout_round_trips_packed_rows():
@@ -317,9 +353,12 @@ def stack_with_nonzero_b(model, num_adapters: int, b_seed_offset: int = 0, **kwa
     return stack
 
 
-def test_stacked_gradients_land_in_persistent_buffers(tokenizer):
+@pytest.mark.parametrize("masked_up_to", [0, 2])
+def test_stacked_gradients_land_in_persistent_buffers(tokenizer, masked_up_to, monkeypatch):
     """Each routed adapter's gradient in a mixed packed batch equals its gradient when it is routed alone
-    on its own rows and lands in a buffer reused from step to step; adapters not routed get none."""
+    on its own rows and lands in a buffer reused from step to step; adapters not routed get none. The two
+    adapters' rows laid out in blocks, or masked (masked_up_to)."""
+    monkeypatch.setattr(multi_lora, "MASKED_UP_TO", masked_up_to)
     model = build_tiny_model(tokenizer)
     stack = stack_with_nonzero_b(model, 3)
     # adapter 2 owns the first 3 tokens of the packed row, adapter 0 the other 5 (unequal shares: padded)
@@ -353,9 +392,12 @@ def test_stacked_gradients_land_in_persistent_buffers(tokenizer):
     assert all(w.grad is None for w in stack.weights)
 
 
-def test_two_forwards_in_one_route_add_their_gradients(tokenizer):
+@pytest.mark.parametrize("token_group", [None, [0, 0, 0, 0, 1, 1, 1, 1]])
+def test_two_forwards_in_one_route_add_their_gradients(tokenizer, token_group):
     """Modules that run twice before one backward (two forwards in one route) give each adapter the sum of
-    both forwards' gradients, as autograd accumulates them."""
+    both forwards' gradients, as autograd accumulates them: rows of the two adapters as two equal blocks,
+    or routed by token_group (masked rows, as for two adapters in a packed step)."""
+    route = ([0, 1],) if token_group is None else ([0, 1], torch.tensor(token_group))
     model = build_tiny_model(tokenizer)
     stack = stack_with_nonzero_b(model, 2)
     batches = [
@@ -369,12 +411,12 @@ def test_two_forwards_in_one_route_add_their_gradients(tokenizer):
     expected = [torch.zeros_like(w) for w in stack.weights]
     for ids in batches:  # one backward per forward
         stack.zero_grad()
-        with stack.route([0, 1]):
+        with stack.route(*route):
             loss(ids).backward()
         for total, w in zip(expected, stack.weights, strict=True):
             total += w.grad
     stack.zero_grad()
-    with stack.route([0, 1]):
+    with stack.route(*route):
         (loss(batches[0]) + loss(batches[1])).backward()
     for total, w in zip(expected, stack.weights, strict=True):
         assert (w.grad - total).norm() <= 1e-5 * total.norm()
