@@ -7,7 +7,7 @@ its own LoRA parameters ``A_k`` (r, in) and ``B_k`` (out, r) per target Linear, 
 forward, for all modules) so the LoRA products of all of them are two batched matmuls. In generation the
 batch is equal blocks of rows, block g for the g-th adapter; in training it is packed sorted by adapter
 (:func:`seal.ttt.pack_sequences`), and each module lays each adapter's tokens out as a zero-padded block
-with one index op and takes the result back with another; with only one or two adapters in a step it
+with one index op and takes the result back with another; with at most four adapters in a step it
 multiplies every row with all of them and masks instead (:class:`MaskedRows`). Because every adapter owns
 its parameters (one flat tensor each), a standard optimizer with one parameter group per adapter gives each
 its own learning rate and step count, and an adapter that sits a step out (no gradient) is left untouched,
@@ -36,7 +36,7 @@ from seal.utils import compute_dtype
 
 INIT_ADAPTER = "stacked-lora-init"
 DENSE_FROM = 4  # routed adapters from which each module's stacked matrices are made contiguous (_matrices)
-MASKED_UP_TO = 2  # most routed adapters for which a packed step masks rows instead (MaskedRows)
+MASKED_UP_TO = 4  # most routed adapters for which a packed step masks rows instead (MaskedRows)
 
 
 def find_targets(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Linear]:
@@ -132,11 +132,13 @@ class MaskedRows:
     """Rows routed to a few adapters by a mask instead of a layout (:class:`_LoRAMasked`): each module
     multiplies all T rows with all G adapters' A at once, ``x [A_0; ...; A_{G-1}]^T`` (T, G * r), keeps in
     each row only the r columns of its own adapter (none for a row of no adapter), scaled, and multiplies
-    with ``[B_0, ..., B_{G-1}]`` (out, G * r), adding into the module's output. That is two matmuls and a
-    multiply per module (six and a multiply with backward), against six batched matmuls and four index ops
-    for :class:`PaddedLayout`; on a CPU each op costs tens of microseconds however small (a bf16 matmul of
-    a 200-token step ~60 us), which dominates the small steps at the end of batched TTT, where one or two
-    adapters are left. The work grows with G, so it only pays for a few adapters (`MASKED_UP_TO`).
+    with ``[B_0, ..., B_{G-1}]`` (out, G * r), adding into the module's output: two matmuls and a multiply
+    per module, four and a multiply in backward, where :class:`PaddedLayout` takes as many batched matmuls
+    plus five or six index and fill ops. On a CPU each op costs tens of microseconds however small (a bf16
+    matmul of a 200-token step ~60 us), which dominates the small steps at the end of batched TTT, where
+    few adapters are left: on the bench's 16 self-edits a step of 2 adapters took 408 instead of 456 ms, of
+    3-4 adapters 634 instead of 671 ms, of 5-8 adapters 1,043 against 1,050 ms. The work grows with G, so
+    it is used up to `MASKED_UP_TO` adapters.
     """
 
     def __init__(self, groups: int, token_group: torch.Tensor, r: int, scaling: float):
