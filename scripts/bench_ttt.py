@@ -204,7 +204,9 @@ def ours(
     tag: str = "bench",
     paired: bool = False,
 ) -> dict:
-    """seal's inner loop: BatchedTTT on chunks of K self-edits, then one batched answer pass per chunk.
+    """seal's inner loop: BatchedTTT on chunks of K self-edits, then one batched answer pass per chunk; as in
+    :class:`seal.inner_loop.InnerLoop`, the chunks group self-edits by size (most training sequences first),
+    so a chunk's adapters finish at about the same step.
 
     `tag` seeds the adapters' initialisation and data order as it seeds the reference's. With `paired`
     each adapter starts from the very LoRA weights the reference's PEFT model starts from and sees the
@@ -215,11 +217,13 @@ def ours(
     schedule = trainer_schedule if paired else batch_schedule
     batched = BatchedTTT(model, tokenizer, cfg, exact_peft_init=paired, schedule=schedule)
     k = parallel_adapters(model, cfg, tokens_per_step([e.examples for e in edits], tokenizer, cfg))
-    accuracies, answers = [], []
+    accuracies, answers = [0.0] * len(edits), [[]] * len(edits)
+    order = sorted(range(len(edits)), key=lambda i: -len(edits[i].examples))
     start = time.perf_counter()
     train_seconds = 0.0
     for c in range(0, len(edits), k):
-        chunk = edits[c : c + k]
+        indices = order[c : c + k]
+        chunk = [edits[i] for i in indices]
         t0 = time.perf_counter()
         batched.apply([e.examples for e in chunk], [task_seed(tag, e.passage_id, e.index) for e in chunk])
         train_seconds += time.perf_counter() - t0
@@ -227,8 +231,8 @@ def ours(
         scores = rewarder.score(
             [by_id[e.passage_id] for e in chunk], [stack_adapter(i) for i in range(len(chunk))]
         )
-        accuracies += [s.accuracy for s in scores]
-        answers += [s.answers for s in scores]
+        for i, score in zip(indices, scores, strict=True):
+            accuracies[i], answers[i] = score.accuracy, score.answers
     batched.stack.remove()
     return {
         "seconds": time.perf_counter() - start,
