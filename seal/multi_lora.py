@@ -354,6 +354,8 @@ class StackedLoRA(nn.Module):
         self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._groups: list[int] | None = None
         self._layout: PaddedLayout | MaskedRows | None = None
+        self._row_group: torch.Tensor | None = None  # see route(row_group=...) and _layout_rows
+        self._row_length: int | None = None
         self._grads: dict[int, torch.Tensor] = {}  # adapter -> its kept gradient buffer (see _CastStack)
         self._cast_buffer: torch.Tensor | None = None  # the routed weights in the compute dtype (training)
         self._grad_buffer: torch.Tensor | None = None  # their gradients, same layout (see _CastStack)
@@ -539,6 +541,8 @@ class StackedLoRA(nn.Module):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
             if self._groups is None:
                 return output
+            if self._row_group is not None:
+                self._layout_rows(inputs[0])
             dtype = compute_dtype(output)
             mats = self._matrices(dtype)
             a, b = mats[2 * i], mats[2 * i + 1]
@@ -556,36 +560,66 @@ class StackedLoRA(nn.Module):
 
         return hook
 
+    def _layout_rows(self, x: torch.Tensor) -> None:
+        """With `row_group`, the layout of a forward whose input `x` is (rows, length, in): every position of
+        row i is of adapter row_group[i]; made again only when the length changes (prefill, then decoding)."""
+        rows = self._row_group.numel()
+        if x.dim() != 3 or x.shape[0] != rows:
+            raise RuntimeError(
+                f"row_group routes {rows} rows, but a module got input of shape {tuple(x.shape)}"
+            )
+        if self._row_length != x.shape[1]:
+            self._row_length = x.shape[1]
+            self._layout = PaddedLayout(len(self._groups), self._row_group.repeat_interleave(x.shape[1]))
+
     @contextlib.contextmanager
     def route(
-        self, groups: Sequence[int] | torch.Tensor, token_group: torch.Tensor | None = None
+        self,
+        groups: Sequence[int] | torch.Tensor,
+        token_group: torch.Tensor | None = None,
+        row_group: torch.Tensor | None = None,
     ) -> Iterator[None]:
         """Apply adapters ``groups[g]`` (g = 0..G-1) to the batch inside this context.
 
-        Without `token_group` the batch is G equal blocks of rows, block g for adapter groups[g]
-        (generation). With it, a flat tensor with one entry per position of the batch (``row * seq_len +
-        col``), adapter groups[g] acts on the positions where it is g, and none on those where it is -1
-        (packed training: :class:`seal.ttt.PackedBatch`'s ``token_group``). Each module lays the adapters'
-        positions out as zero-padded blocks (indices made once per step, shared by all modules), multiplies
-        them with two batched matmuls and takes the result back: a constant number of ops per module
-        whatever G is. (``torch._grouped_mm`` needs no padding, but on CPU it runs one small GEMM per
-        adapter per module: ~20k GEMMs in a 16-adapter SmolLM2 step.)
+        Without `token_group` or `row_group` the batch is G equal blocks of rows, block g for adapter
+        groups[g]. With `token_group`, a flat tensor with one entry per position of the batch (``row *
+        seq_len + col``), adapter groups[g] acts on the positions where it is g, and none on those where it
+        is -1 (packed training: :class:`seal.ttt.PackedBatch`'s ``token_group``). With `row_group`, one
+        entry per row, every forward in the context (generation with a cache: the prompts, then one token
+        at a time) routes all positions of row i to adapter groups[row_group[i]], so adapters may have
+        different numbers of rows. Each module lays the adapters' positions out as zero-padded blocks
+        (indices made once per forward, shared by all modules), multiplies them with two batched matmuls and
+        takes the result back: a constant number of ops per module whatever G is (``torch._grouped_mm``
+        needs no padding, but on CPU it runs one small GEMM per adapter per module: ~20k GEMMs in a
+        16-adapter SmolLM2 step); with few adapters and `token_group`, it masks rows instead
+        (:class:`MaskedRows`). Generation keeps the blocks: under bf16 autocast their rounding (the LoRA
+        product rounded, then added) is PEFT's, and greedy answers then match PEFT's on a tiny random
+        model, where the masked product (accumulated into the output in one matmul) flips tokens.
         """
         groups = [int(g) for g in groups]
         if not groups or min(groups) < 0 or max(groups) >= self.num_adapters:
             raise IndexError(f"adapter indices must be in [0, {self.num_adapters}), got {groups}")
-        if token_group is not None and token_group.dim() != 1:
-            shape = tuple(token_group.shape)
-            raise ValueError(f"token_group must be flat (one entry per position), got shape {shape}")
+        if token_group is not None and row_group is not None:
+            raise ValueError("route() takes token_group or row_group, not both")
+        for name, value in (("token_group", token_group), ("row_group", row_group)):
+            if value is not None and value.dim() != 1:
+                raise ValueError(
+                    f"{name} must be flat (one entry per position or row), got {tuple(value.shape)}"
+                )
+        if row_group is not None and row_group.numel() and int(row_group.min()) < 0:
+            raise IndexError("row_group must name an adapter (0..G-1) for every row")
         self._groups = groups
-        if token_group is not None and len(groups) <= MASKED_UP_TO:
+        self._row_group, self._row_length = row_group, None
+        if row_group is not None:
+            self._layout = None  # made per forward (_layout_rows)
+        elif token_group is not None and len(groups) <= MASKED_UP_TO:
             self._layout = MaskedRows(len(groups), token_group, self.r, self.scaling)
         else:
             self._layout = PaddedLayout(len(groups), token_group)
         try:
             yield
         finally:
-            self._groups, self._layout = None, None
+            self._groups, self._layout, self._row_group = None, None, None
             self._last_input, self._routed, self._link = None, None, None
 
     def remove(self) -> None:

@@ -113,16 +113,18 @@ def test_exported_adapters_load_in_peft_and_reproduce_the_batched_outputs(tokeni
 
 
 def test_stacked_generation_matches_each_adapter_loaded_in_peft(tokenizer, tmp_path):
+    """Prompts of several stacked adapters, unevenly shared (each row routed to its adapter), generate what
+    each adapter loaded in PEFT generates alone."""
     cfg = config()
     model = wrap_for_adapters(build_tiny_model(tokenizer), cfg)
     batched = BatchedTTT(model, tokenizer, cfg)
     batched.apply(JOBS, SEEDS)
-    generator = HFGenerator(model, tokenizer, batch_size=4)
+    generator = HFGenerator(model, tokenizer, batch_size=3)
     generator.stack = batched.stack
     prompts = ["Zorvath was", "The capital of", "Mirelda", "x"]
     adapters = [stack_adapter(0), stack_adapter(2), stack_adapter(1), stack_adapter(0)]
     greedy = Sampling(max_new_tokens=6)
-    mixed = generator.generate(prompts, greedy, adapter=adapters)  # uneven groups, split over 2 calls
+    mixed = generator.generate(prompts, greedy, adapter=adapters)  # calls of 2 + 1 rows, then 1 row
     for k in range(len(JOBS)):
         name = generator.add_adapter(str(batched.save(k, tmp_path / f"a{k}")))
         for prompt, adapter, out in zip(prompts, adapters, mixed, strict=True):
@@ -238,6 +240,11 @@ def test_route_validates_groups(tokenizer, monkeypatch):
             pass
     with pytest.raises(ValueError, match="No Linear module"):
         find_targets(model, ["nonexistent"])
+    with pytest.raises(ValueError, match="not both"), stack.route([0], torch.zeros(3), torch.zeros(1)):
+        pass
+    with pytest.raises(RuntimeError, match="row_group routes 2 rows"):
+        with stack.route([0, 1], row_group=torch.tensor([0, 1])):
+            model(input_ids=ids)
 
 
 def test_parallel_adapters_from_memory(tokenizer):

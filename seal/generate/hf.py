@@ -91,29 +91,34 @@ class HFGenerator:
     def _generate_stacked(
         self, prompts: list[str], adapters: list[str], sampling: Sampling
     ) -> list[list[str]]:
-        """Prompts of stacked adapters, grouped per adapter into equal blocks and generated together."""
+        """Prompts of stacked adapters, grouped per adapter and generated together, each row routed to its
+        adapter (``route(row_group=...)``): as many rows as prompts, however unevenly they are shared."""
         if self.stack is None:
             raise ValueError(f"Adapter '{adapters[0]}' requested but no stacked adapters are attached")
         slots = [int(a.removeprefix(STACK_PREFIX)) for a in adapters]
         by_slot = {s: [i for i, x in enumerate(slots) if x == s] for s in dict.fromkeys(slots)}
-        block = max(len(v) for v in by_slot.values()) * sampling.n
-        per_call = max(1, self.batch_size // block)  # adapters per generate call
-        items = list(by_slot.items())
+        calls: list[list[tuple[int, list[int]]]] = [
+            []
+        ]  # whole adapters per generate call, <= batch_size rows
+        for slot, idx in by_slot.items():
+            if calls[-1] and sum(len(i) for _, i in calls[-1]) + len(idx) > self.batch_size // sampling.n:
+                calls.append([])
+            calls[-1].append((slot, idx))
         results: dict[int, list[str]] = {}
+        device = model_device(self.model)
         peft_off = isinstance(self.model, PeftModel)  # stacked adapters act on the bare base model
         with self.model.disable_adapter() if peft_off else contextlib.nullcontext():
-            for start in range(0, len(items), per_call):
-                chunk = items[start : start + per_call]
-                rows: list[str] = []
-                for _, idx in chunk:  # pad every block to the same size with copies of its first prompt
-                    padded = idx + [idx[0]] * (block // sampling.n - len(idx))
-                    rows.extend(prompts[i] for i in padded for _ in range(sampling.n))
-                with self.stack.route([s for s, _ in chunk]):
+            for chunk in calls:
+                order = [i for _, idx in chunk for i in idx]
+                rows = [prompts[i] for i in order for _ in range(sampling.n)]
+                row_group = torch.tensor(
+                    [g for g, (_, idx) in enumerate(chunk) for _ in idx for _ in range(sampling.n)],
+                    device=device,
+                )
+                with self.stack.route([s for s, _ in chunk], row_group=row_group):
                     outs = self._generate_batches(rows, sampling, batch_size=len(rows))
-                for g, (_, idx) in enumerate(chunk):
-                    for j, i in enumerate(idx):
-                        first = g * block + j * sampling.n
-                        results[i] = outs[first : first + sampling.n]
+                for j, i in enumerate(order):
+                    results[i] = outs[j * sampling.n : (j + 1) * sampling.n]
         return [results[i] for i in range(len(prompts))]
 
     def _generate_rows(self, prompts: list[str], sampling: Sampling) -> list[list[str]]:
