@@ -121,6 +121,8 @@ def launch(recipe: Path, out: Path, processes: int) -> subprocess.CompletedProce
         command += ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no"]
         command += ["--dynamo_backend", "no", "--main_process_port", "29517", *script]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if processes == 1:  # the thread count of each of accelerate's CPU processes: the same bf16 rounding
+        env["OMP_NUM_THREADS"] = "1"
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
@@ -161,9 +163,10 @@ def test_two_processes_gather_the_single_process_round(tmp_path):
     assert [a[k]["reward"] for k in a] == [b[k]["reward"] for k in a]
     assert [a[k]["kept"] for k in a] == [b[k]["kept"] for k in a]
     assert any(a[k]["reward"] > 0 for k in a)  # the comparison is not between all-zero rounds
-    # same seeds, same chunks: the TTT runs agree. bf16 rounding differs across thread counts (one thread per
-    # process vs two) and compounds over the epochs until a near-zero last-epoch loss can differ 2x (0.17
-    # vs 0.36 seen on an AMX CPU), so the check is on the first epoch, before that drift builds up
+    # same seeds, same chunks: the TTT runs agree. Both runs use one thread per process: bf16 rounding differs
+    # across thread counts and compounds over the epochs until a near-zero last-epoch loss can differ 2x
+    # (0.17 vs 0.36 seen on an AMX CPU with two threads against one), enough to flip a greedy answer and so
+    # a reward; the losses are compared on the first epoch, before any such drift builds up
     first = [first_epoch_losses([one / "journal.jsonl"])]
     first.append(first_epoch_losses([two / f"journal.rank{r}.jsonl" for r in range(2)]))
     assert first[0].keys() == first[1].keys() and len(first[0]) == 8
