@@ -235,13 +235,10 @@ class _LoRADelta(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = layout.packed(_blocks_times(layout, grad_h, a, tail=True))
-        if ctx.sink is not None:
-            stack, i = ctx.sink
-            grad_a, grad_b, add = stack._gradient_slices(i)
-        elif ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_a, grad_b, add = torch.empty_like(a), torch.empty_like(b), False
-        else:
+        targets = _gradient_targets(ctx, a, b, ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        if targets is None:
             return grad_x, None, None, None, None, None, None, None
+        grad_a, grad_b, add = targets
         # exact despite the padding rows' copied gradients: their inputs, and so their h, are zero
         _blocks_outer(layout, grad_h, padded, grad_a, add)
         _blocks_outer(layout, grad, h, grad_b, add)
@@ -279,19 +276,33 @@ class _LoRAMasked(torch.autograd.Function):
         flat = grad.reshape(-1, grad.shape[-1])
         grad_h = torch.mm(flat, b).mul_(mask)
         grad_x = torch.mm(grad_h, a) if ctx.needs_input_grad[1] else None
-        if ctx.sink is not None:
-            stack, i = ctx.sink
-            grad_a, grad_b, add = stack._gradient_slices(i)
-        elif ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            grad_a, grad_b, add = torch.empty_like(a), torch.empty_like(b), False
-        else:
+        targets = _gradient_targets(ctx, a, b, ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
+        if targets is None:
             return grad, grad_x, None, None, None, None, None
+        grad_a, grad_b, add = targets
         beta = 1 if add else 0  # 0: the slices' old contents are ignored
         grad_a.addmm_(grad_h.t(), x, beta=beta)
         grad_b.addmm_(flat.t(), h, beta=beta)
         if ctx.sink is not None:
             grad_a = grad_b = None
         return grad, grad_x, grad_a, grad_b, None, None, None
+
+
+def _gradient_targets(
+    ctx,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    wanted: bool,  # noqa: ANN001
+) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+    """Where a LoRA node's backward writes A's and B's gradients: with ``ctx.sink`` the stack's slices for
+    them (and whether they already hold a gradient of this backward: then add), else fresh tensors for
+    autograd; None when autograd wants neither."""
+    if ctx.sink is not None:
+        stack, i = ctx.sink
+        return stack._gradient_slices(i)
+    if wanted:
+        return torch.empty_like(a), torch.empty_like(b), False
+    return None
 
 
 def _blocks_times(layout: PaddedLayout, x: torch.Tensor, w: torch.Tensor, tail: bool = False) -> torch.Tensor:
