@@ -289,10 +289,7 @@ class _LoRAMasked(torch.autograd.Function):
 
 
 def _gradient_targets(
-    ctx,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    wanted: bool,  # noqa: ANN001
+    ctx: torch.autograd.function.FunctionCtx, a: torch.Tensor, b: torch.Tensor, wanted: bool
 ) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
     """Where a LoRA node's backward writes A's and B's gradients: with ``ctx.sink`` the stack's slices for
     them (and whether they already hold a gradient of this backward: then add), else fresh tensors for

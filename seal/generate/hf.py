@@ -97,9 +97,8 @@ class HFGenerator:
             raise ValueError(f"Adapter '{adapters[0]}' requested but no stacked adapters are attached")
         slots = [int(a.removeprefix(STACK_PREFIX)) for a in adapters]
         by_slot = {s: [i for i, x in enumerate(slots) if x == s] for s in dict.fromkeys(slots)}
-        calls: list[list[tuple[int, list[int]]]] = [
-            []
-        ]  # whole adapters per generate call, <= batch_size rows
+        # whole adapters per generate call, at most batch_size rows (unless one adapter alone has more)
+        calls: list[list[tuple[int, list[int]]]] = [[]]
         for slot, idx in by_slot.items():
             if calls[-1] and sum(len(i) for _, i in calls[-1]) + len(idx) > self.batch_size // sampling.n:
                 calls.append([])
