@@ -58,6 +58,14 @@ def find_targets(model: nn.Module, target_modules: Sequence[str]) -> dict[str, n
     return targets
 
 
+def _checked_groups(token_group: torch.Tensor, groups: int) -> torch.Tensor:
+    """`token_group` as long integers, after checking that it names only the `groups` routed adapters."""
+    group = token_group.to(torch.long)
+    if group.numel() and int(group.max()) >= groups:
+        raise IndexError(f"token_group holds adapter {int(group.max())}, but only {groups} are routed")
+    return group
+
+
 class PaddedLayout:
     """How the T rows of a batch, each of one of G adapters or of none, are laid out as G equal zero-padded
     blocks (G * block, d) for batched matmuls, and back.
@@ -81,11 +89,9 @@ class PaddedLayout:
         self.rows = self.parked = 0  # rows of the padded layout (when not the identity), rows of no adapter
         if token_group is None:
             return
-        group = token_group.to(torch.long)
+        group = _checked_groups(token_group, groups)
         real = group >= 0
         counts = torch.bincount(group[real], minlength=groups)
-        if counts.numel() > groups:
-            raise IndexError(f"token_group holds adapter {counts.numel() - 1}, but only {groups} are routed")
         block = max(int(counts.max()), 1)
         position = torch.arange(group.numel(), device=group.device)
         if bool(real.all()) and bool((counts == block).all()) and bool((group == position // block).all()):
@@ -142,15 +148,16 @@ class MaskedRows:
     """
 
     def __init__(self, groups: int, token_group: torch.Tensor, r: int, scaling: float):
-        group = token_group.to(torch.long)
-        if group.numel() and int(group.max()) >= groups:
-            raise IndexError(f"token_group holds adapter {int(group.max())}, but only {groups} are routed")
+        group = _checked_groups(token_group, groups)
         self.groups, self.rows = groups, group.numel()
         columns = torch.arange(groups, device=group.device).repeat_interleave(r)
         self._mask = (group.unsqueeze(1) == columns) * scaling  # (T, G * r): scaling or 0
         self._masks: dict[torch.dtype, torch.Tensor] = {}
 
-    def mask(self, dtype: torch.dtype) -> torch.Tensor:
+    def mask(self, dtype: torch.dtype, rows: int) -> torch.Tensor:
+        """The (T, G * r) mask in `dtype` for a module input of `rows` rows (checked against T)."""
+        if rows != self.rows:
+            raise RuntimeError(f"{rows} rows routed, but token_group has {self.rows}")
         if dtype not in self._masks:
             self._masks[dtype] = self._mask.to(dtype)
         return self._masks[dtype]
@@ -370,10 +377,10 @@ class StackedLoRA(nn.Module):
         self._dense_buffer: torch.Tensor | None = None  # the routed matrices, each contiguous (_matrices)
         self._grad_cat_buffer: torch.Tensor | None = None  # their gradients for MaskedRows (_matrices)
         self._grad_copies: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # see _gradient_rows
-        self._grad_views: list[torch.Tensor] = []  # per matrix, (G, rows, cols) views of _grad_buffer
+        self._grad_views: list[torch.Tensor] = []  # per matrix, its gradient's view (_grad_buffer or cat)
         self._written: set[int] = set()  # matrices whose gradient slice holds this backward's gradient
         self._link: torch.Tensor | None = None  # this forward's _CastStack output (ties the graph)
-        self._views: dict[tuple[str, int], tuple[torch.Tensor, list[torch.Tensor]]] = {}  # see _rows_split
+        self._views: dict[tuple, tuple[torch.Tensor, tuple]] = {}  # see _buffer_views
         self._cache: dict[tuple, list[torch.Tensor]] = {}
         self._routed: tuple[tuple, list[torch.Tensor]] | None = None  # this forward's matrices
         self._last_input: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor] | None = None  # see _input
@@ -434,70 +441,59 @@ class StackedLoRA(nn.Module):
         grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
         if not grad and key in self._cache:
             return self._cache[key]
+        layout = "cat" if masked else "dense" if rows >= DENSE_FROM or not grad else "rows"
         if grad:
             self._link = _CastStack.apply(self, self._buffer("_cast_buffer", rows, dtype), *weights)
-            self._grad_views = self._rows_split("_grad_buffer", rows, dtype)
-            self._grad_copies = None
-            self._written = set()
-            mats = self._rows_split("_cast_buffer", rows, dtype)
-            if masked:
-                copies, cat = self._cat_split("_dense_buffer", rows, dtype)
-                torch._foreach_copy_(copies, mats)
-                mats = cat
-                grad_copies, self._grad_views = self._cat_split("_grad_cat_buffer", rows, dtype)
-                self._grad_copies = (self._rows_split("_grad_buffer", rows, dtype), grad_copies)
-            elif rows >= DENSE_FROM:
-                dense = self._rows_split("_dense_buffer", rows, dtype, dense=True)
-                torch._foreach_copy_(dense, mats)
-                mats = dense
+            _, cast = self._buffer_views("_cast_buffer", rows, dtype)
+            _, row_grads = self._buffer_views("_grad_buffer", rows, dtype)
+            self._grad_views, self._grad_copies, self._written = row_grads, None, set()
+            mats = cast
+            if layout != "rows":
+                copies, mats = self._buffer_views("_dense_buffer", rows, dtype, layout)
+                torch._foreach_copy_(copies, cast)
+            if masked:  # gradients in the matrices' layout, copied to the stack's in _gradient_rows
+                grad_copies, self._grad_views = self._buffer_views("_grad_cat_buffer", rows, dtype, layout)
+                self._grad_copies = (row_grads, grad_copies)
         else:
-            mats = [m.contiguous() for m in self._split(torch.stack(weights).to(dtype))]
-            if masked:  # A (G * r, in), B (out, G * r)
-                mats = [
-                    m.flatten(0, 1) if j % 2 == 0 else m.transpose(0, 1).flatten(1)
-                    for j, m in enumerate(mats)
-                ]
+            stacked = torch.stack(weights).to(dtype)
+            copies, mats = self._laid_out(torch.empty_like(stacked), layout)
+            torch._foreach_copy_(copies, self._split(stacked))
             self._cache[key] = mats
         self._routed = (key, mats)
         return mats
 
-    def _rows_split(
-        self, name: str, rows: int, dtype: torch.dtype, dense: bool = False
-    ) -> list[torch.Tensor]:
-        """:meth:`_split` of the first `rows` rows of the kept buffer `name`, made once per buffer and row
-        count (840 view ops on SmolLM2). `dense`: the same sizes of matrices, each contiguous (one after
-        another in the buffer's first `rows` rows, read flat)."""
-        buffer = self._buffer(name, rows, dtype)
-        key = (name, rows)
-        if key not in self._views or self._views[key][0] is not buffer:
-            if dense:
-                pieces = buffer[:rows].view(-1).split([rows * size for size in self._sizes])
-                views = [piece.view(rows, *shape) for piece, shape in zip(pieces, self._shapes, strict=True)]
-            else:
-                views = self._split(buffer[:rows])
-            self._views[key] = (buffer, views)
-        return self._views[key][1]
+    def _laid_out(self, flat: torch.Tensor, layout: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """A (G, P) tensor as every module's matrices ``[A_0, B_0, ...]`` in `layout`, and the same memory as
+        (G, r, in) and (G, out, r) views, to copy to and from the stack's layout:
 
-    def _cat_split(
-        self, name: str, rows: int, dtype: torch.dtype
+        - ``rows``: views of the stack itself, (G, r, in) and (G, out, r), adapters a row (P) apart;
+        - ``dense``: the same shapes, each matrix contiguous (for batched matmuls, :class:`PaddedLayout`);
+        - ``cat``: A (G * r, in) and B (out, G * r), each contiguous (:class:`MaskedRows`).
+        """
+        if layout == "rows":
+            views = self._split(flat)
+            return views, views
+        rows = flat.shape[0]
+        pieces = flat.reshape(-1).split([rows * size for size in self._sizes])
+        copies, mats = [], []
+        for j, (piece, (dim0, dim1)) in enumerate(zip(pieces, self._shapes, strict=True)):
+            if layout == "dense" or j % 2 == 0:  # dense, or A in cat: (G, r, in) is (G * r, in)
+                copies.append(piece.view(rows, dim0, dim1))
+                mats.append(copies[-1] if layout == "dense" else piece.view(rows * dim0, dim1))
+            else:  # B in cat: (out, G, r), seen as (G, out, r)
+                copies.append(piece.view(dim0, rows, dim1).transpose(0, 1))
+                mats.append(piece.view(dim0, rows * dim1))
+        return copies, mats
+
+    def _buffer_views(
+        self, name: str, rows: int, dtype: torch.dtype, layout: str = "rows"
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The first `rows` rows of the kept buffer `name` as every module's matrices for :class:`MaskedRows`,
-        each contiguous: ``[A_0, B_0, ...]`` with A_i (G * r, in) and B_i (out, G * r); and the same memory as
-        (G, r, in) and (G, out, r) views, to copy from and to the stack's layout. Made once per buffer and
-        row count."""
+        """:meth:`_laid_out` of the first `rows` rows of the kept buffer `name`, made once per buffer, row
+        count and layout (840 view ops on SmolLM2)."""
         buffer = self._buffer(name, rows, dtype)
-        key = (name, rows, "cat")
+        key = (name, rows, layout)
         if key not in self._views or self._views[key][0] is not buffer:
-            pieces = buffer[:rows].view(-1).split([rows * size for size in self._sizes])
-            copies, mats = [], []
-            for j, (piece, (dim0, dim1)) in enumerate(zip(pieces, self._shapes, strict=True)):
-                if j % 2 == 0:  # A: (G, r, in) is (G * r, in)
-                    copies.append(piece.view(rows, dim0, dim1))
-                    mats.append(piece.view(rows * dim0, dim1))
-                else:  # B: (out, G, r), seen as (G, out, r)
-                    copies.append(piece.view(dim0, rows, dim1).transpose(0, 1))
-                    mats.append(piece.view(dim0, rows * dim1))
-            self._views[key] = (buffer, (copies, mats))
+            self._views[key] = (buffer, self._laid_out(buffer[:rows], layout))
         return self._views[key][1]
 
     def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -559,9 +555,8 @@ class StackedLoRA(nn.Module):
                 x, padded = self.dropout(x), None  # a mask of its own per module, as in PEFT
             sink = (self, i) if self._link is not None and torch.is_grad_enabled() else None
             if isinstance(self._layout, MaskedRows):
-                if x.shape[0] != self._layout.rows:
-                    raise RuntimeError(f"{x.shape[0]} rows routed, but token_group has {self._layout.rows}")
-                return _LoRAMasked.apply(output, x, a, b, self._layout.mask(dtype), self._link, sink)
+                mask = self._layout.mask(dtype, x.shape[0])
+                return _LoRAMasked.apply(output, x, a, b, mask, self._link, sink)
             delta = _LoRADelta.apply(x, a, b, self.scaling, self._layout, padded, self._link, sink)
             # in place: a Linear's backward does not need its output
             return output.add_(delta.view(output.shape).to(output.dtype))

@@ -285,7 +285,7 @@ def test_masked_lora_backward_is_exact():
     a = torch.randn(3, 2, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, 5, 2, generator=gen, dtype=torch.float64, requires_grad=True)
     base = torch.randn(group.numel(), 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    mask = MaskedRows(3, group, r=2, scaling=2.5).mask(torch.float64)
+    mask = MaskedRows(3, group, r=2, scaling=2.5).mask(torch.float64, group.numel())
 
     def masked(base, x, a, b):  # A (G * r, in), B (out, G * r)
         return _LoRAMasked.apply(base.clone(), x, a.flatten(0, 1), b.transpose(0, 1).flatten(1), mask)
