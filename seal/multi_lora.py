@@ -419,7 +419,8 @@ class StackedLoRA(nn.Module):
 
     def _matrices(self, dtype: torch.dtype) -> list[torch.Tensor]:
         """Every target module's matrices of the routed adapters in `dtype`: ``[A_0, B_0, A_1, B_1, ...]``,
-        A_i (G, r, in) and B_i (G, out, r), each contiguous.
+        A_i (G, r, in) and B_i (G, out, r), or for :class:`MaskedRows` A_i (G * r, in) and B_i (out, G * r)
+        (the layouts of :meth:`_laid_out`).
 
         Stacking and casting all modules at once, once per forward, costs a few whole-tensor ops per step
         where one stack and cast per module cost ~5 ops x 210 modules (SmolLM2). The stack is (G, P), one row
