@@ -233,6 +233,7 @@ def ours(
         )
         for i, score in zip(indices, scores, strict=True):
             accuracies[i], answers[i] = score.accuracy, score.answers
+    batched.release()
     batched.stack.remove()
     return {
         "seconds": time.perf_counter() - start,

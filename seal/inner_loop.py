@@ -125,14 +125,17 @@ class InnerLoop:
             unit="eval",
             position=rank,
         ) as bar:
-            for indices in mine:
-                chunk = [jobs[i] for i in indices]
-                done = self._run_sequential(chunk[0]) if k == 1 else self._run_batched(chunk)
-                for i, result in zip(indices, done, strict=True):
-                    if on_result is not None:
-                        on_result(*result)
-                    results[i] = result
-                bar.update(len(chunk))
+            try:
+                for indices in mine:
+                    chunk = [jobs[i] for i in indices]
+                    done = self._run_sequential(chunk[0]) if k == 1 else self._run_batched(chunk)
+                    for i, result in zip(indices, done, strict=True):
+                        if on_result is not None:
+                            on_result(*result)
+                        results[i] = result
+                    bar.update(len(chunk))
+            finally:
+                self.batched.release()  # its training state is kept from chunk to chunk
         return [results[i] for i in sorted(results)]
 
     def _run_sequential(self, job: Job) -> list[Result]:

@@ -201,6 +201,32 @@ def test_adapters_are_independent_parameter_groups(tokenizer):
         assert torch.equal(a, b)  # same seed, same init, untouched by the other adapter's steps
 
 
+def test_training_state_kept_between_applies_trains_as_a_fresh_one(tokenizer):
+    """A second apply() on the stack and optimizer kept from the first (moments and gradient buffers
+    reused, in place) trains exactly as a new BatchedTTT: with fewer jobs than the stack holds (the extra
+    adapters sit out) and with more (a new, larger stack)."""
+    cfg = config(ttt_epochs=3)
+    model = build_tiny_model(tokenizer)
+    kept = BatchedTTT(model, tokenizer, cfg)
+    kept.apply(JOBS, SEEDS)
+    stack, optimizer = kept.stack, kept._optimizer
+    for jobs, seeds in (([JOBS[2], JOBS[0]], [5, 6]), (JOBS + [JOBS[1]], [7, 8, 9, 10])):
+        got = kept.apply(jobs, seeds)
+        fresh = BatchedTTT(model, tokenizer, cfg)
+        assert got == fresh.apply(jobs, seeds)
+        for k in range(len(jobs)):
+            expected = fresh.stack.peft_state_dict(k)
+            for name, w in kept.stack.peft_state_dict(k).items():
+                assert torch.equal(w, expected[name]), name
+        fresh.stack.remove()
+        assert (kept.stack is stack) == (len(jobs) <= 3)  # reused while it has room
+        assert (kept._optimizer is optimizer) == (len(jobs) <= 3)
+        assert not any(p.requires_grad for p in kept.stack.parameters())
+    kept.release()
+    assert kept._optimizer is None and not kept.stack._grads
+    assert kept.stack.peft_state_dict(3)  # the trained adapters stay
+
+
 def test_schedule_decides_what_each_adapter_trains_on(tokenizer):
     """A custom schedule that feeds only example 0 trains the same adapter as a job of example 0 alone."""
     cfg = config(ttt_epochs=3)
