@@ -327,6 +327,9 @@ class BatchedTTT:
         ):
             for step in tqdm(range(max(map(len, plans), default=0)), desc="batched TTT", leave=False):
                 active = [k for k, plan in enumerate(plans) if step < len(plan)]
+                # most tokens first, so that adapters of like shares are neighbours: PaddedLayout pads each
+                # adapter's block to the longest of its bucket of neighbours instead of the step's longest
+                active.sort(key=lambda k: -sum(len(data[k][i][0]) for i in plans[k][step][1]))
                 batch = pack_sequences(
                     [[data[k][i] for i in plans[k][step][1]] for k in active],
                     self.pad_id,

@@ -10,7 +10,15 @@ from seal.data import QA, Passage
 from seal.generate import HFGenerator, Sampling
 from seal.generate.hf import stack_adapter
 from seal.graders import make_grader
-from seal.multi_lora import MaskedRows, PaddedLayout, StackedLoRA, _LoRADelta, _LoRAMasked, find_targets
+from seal.multi_lora import (
+    MaskedRows,
+    PaddedLayout,
+    StackedLoRA,
+    _buckets,
+    _LoRADelta,
+    _LoRAMasked,
+    find_targets,
+)
 from seal.reward import Rewarder
 from seal.templates import TrainExample
 from seal.ttt import (
@@ -60,18 +68,27 @@ def peft_lora(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("scheduler", "dense_from", "masked_up_to"),
-    [("constant", 100, 2), ("linear", 100, 0), ("linear", 1, 0), ("linear", 100, 100)],
+    ("scheduler", "dense_from", "masked_up_to", "bucket_cost"),
+    [
+        ("constant", 100, 2, multi_lora.BUCKET_COST_ROWS),
+        ("linear", 100, 0, multi_lora.BUCKET_COST_ROWS),
+        ("linear", 1, 0, multi_lora.BUCKET_COST_ROWS),
+        ("linear", 100, 100, multi_lora.BUCKET_COST_ROWS),
+        ("linear", 100, 0, 0),
+        ("linear", 1, 0, 0),
+    ],
 )
 def test_batched_training_equals_training_each_adapter_alone(
-    tokenizer, scheduler, dense_from, masked_up_to, monkeypatch
+    tokenizer, scheduler, dense_from, masked_up_to, bucket_cost, monkeypatch
 ):
     """Losses and trained weights match PEFT's, whichever way the steps compute the LoRA products: rows laid
-    out in blocks, the stacked matrices read from the (G, P) stack or copied contiguous (dense_from: from
-    how many routed adapters on, see StackedLoRA._matrices), or masked rows (masked_up_to: up to how many
-    routed adapters; JOBS train three adapters for 4 steps, then one for 4)."""
+    out in blocks of one length or (bucket_cost 0) of a length per adapter, the stacked matrices read from
+    the (G, P) stack or copied contiguous (dense_from: from how many routed adapters on, see
+    StackedLoRA._matrices), or masked rows (masked_up_to: up to how many routed adapters; JOBS train three
+    adapters for 4 steps, then one for 4)."""
     monkeypatch.setattr(multi_lora, "DENSE_FROM", dense_from)
     monkeypatch.setattr(multi_lora, "MASKED_UP_TO", masked_up_to)
+    monkeypatch.setattr(multi_lora, "BUCKET_COST_ROWS", bucket_cost)
     cfg = config(ttt_lr_scheduler=scheduler)
     model = wrap_for_adapters(build_tiny_model(tokenizer), cfg)
     sequential = TTT(model, tokenizer, cfg)
@@ -283,14 +300,18 @@ def test_parallel_adapters_from_memory(tokenizer):
     assert parallel_adapters(model, cfg, 10**6, available_bytes=1) == 1
 
 
-@pytest.mark.parametrize("token_group", [None, [0, 0, 2, 2, 2, -1, 2, 2, 3, -1, -1]])
-def test_lora_delta_backward_is_exact(token_group):
+@pytest.mark.parametrize(
+    ("token_group", "bucket_cost"),
+    [(None, None), ([0, 0, 2, 2, 2, -1, 2, 2, 3, -1, -1], None), ([0, 0, 2, 2, 2, -1, 2, 2, 3, -1, -1], 0)],
+)
+def test_lora_delta_backward_is_exact(token_group, bucket_cost):
     """The hand-written backward of the batched LoRA product passes autograd's numerical gradient check, on
     equal blocks and on packed rows of unequal shares (one adapter with none, rows of no adapter among
-    them) laid out in zero-padded blocks."""
+    them) laid out in zero-padded blocks of one length or, in buckets, of several."""
     gen = torch.Generator().manual_seed(0)
     group = torch.tensor(token_group or [0, 0, 1, 1, 2, 2, 3, 3])
-    layout = PaddedLayout(4, None if token_group is None else group)
+    layout = PaddedLayout(4, None if token_group is None else group, bucket_cost)
+    assert bucket_cost != 0 or len(layout.buckets) > 1
     x = torch.randn(group.numel(), 6, generator=gen, dtype=torch.float64, requires_grad=True)
     a = torch.randn(4, 2, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, 5, 2, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -330,7 +351,8 @@ def test_padded_layout_round_trips_packed_rows():
     group = torch.tensor([0, 0, -1, 2, 2, 2, 2, 3, 3, 3])  # shares of 2, 0, 4 and 3 rows; row 3 of none
     layout = PaddedLayout(4, group)
     blocks = layout.blocks(rows)
-    assert layout.view(blocks).shape == (4, 4, 1)
+    ((adapters, block_rows, piece),) = layout.pieces(blocks)  # one block length: padding is cheap here
+    assert (adapters, block_rows, piece.shape) == (slice(0, 4), slice(0, 16), (4, 4, 1))
     assert blocks.flatten().tolist() == [1, 2, 0, 0, 0, 0, 0, 0, 4, 5, 6, 7, 8, 9, 10, 0]
     with_zero_row = torch.cat([blocks, blocks.new_zeros(1, 1)])  # as _blocks_times(..., tail=True) gives
     assert layout.packed(with_zero_row).flatten().tolist() == [1, 2, 0, 4, 5, 6, 7, 8, 9, 10]
@@ -344,6 +366,34 @@ def test_padded_layout_round_trips_packed_rows():
         equal_but_wrong.blocks(rows)
     with pytest.raises(IndexError, match="adapter 4"):
         PaddedLayout(3, torch.tensor([0, 4]))
+
+
+def test_buckets_give_neighbours_of_like_shares_their_own_block_length():
+    """Adapters in buckets of consecutive ones, each padded to its bucket's longest share: a bucket more
+    wherever it saves more padded rows than it costs; the packed rows round-trip through the buckets."""
+    assert _buckets([128, 120, 40, 30, 30, 6], cost=10**9) == [(0, 6, 128)]  # one block length
+    assert _buckets([128, 120, 40, 30, 30, 6], cost=50) == [(0, 2, 128), (2, 6, 40)]
+    assert _buckets([128, 120, 40, 30, 30, 6], cost=1) == [
+        (0, 1, 128),
+        (1, 2, 120),
+        (2, 3, 40),
+        (3, 5, 30),
+        (5, 6, 6),
+    ]
+    assert _buckets([0, 0], cost=5) == [(0, 2, 1)]
+    group = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, -1, 2, 3])  # shares 5, 3, 1, 1
+    layout = PaddedLayout(4, group, bucket_cost=1)
+    assert [(a, r, block) for a, r, block in layout.buckets] == [
+        (slice(0, 1), slice(0, 5), 5),
+        (slice(1, 2), slice(5, 8), 3),
+        (slice(2, 4), slice(8, 10), 1),
+    ]
+    rows = torch.arange(1.0, 12.0).unsqueeze(1)
+    blocks = layout.blocks(rows)
+    assert blocks.flatten().tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 10, 11]
+    assert [piece.shape for _, _, piece in layout.pieces(blocks)] == [(1, 5, 1), (1, 3, 1), (2, 1, 1)]
+    with_zero_row = torch.cat([blocks, blocks.new_zeros(1, 1)])
+    assert layout.packed(with_zero_row).flatten().tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 0, 10, 11]
 
 
 def test_balanced_rows_are_consecutive_few_and_even():
