@@ -14,6 +14,8 @@ cached in the output directory) and the same questions, in one process:
   recipe     the same with the CPU recipe's TTT settings (batch 8, constant lr);
   --extra    rows of seal with other TTT settings (choose them on train passages: ttt_recipe_sweep.py).
 
+seal same-hp is timed right before and right after each of the reference's seed sets (the mean of the two),
+so that the CPU's drift in speed cancels out of the speed-up (--no_bracket: after all of the reference's).
 Prints and writes (JSON + Markdown) evaluations/hour, speed-up over the reference, mean adapted accuracy with
 a paired bootstrap CI of the difference, training tokens/s and the share of this CPU's measured matmul peak.
 """
@@ -265,14 +267,37 @@ def reference_runs(path: Path, seeds: int, reuse: bool, run) -> list[dict]:
     return [runs[seed_tag(i)] for i in range(seeds)]
 
 
-def run_seed_sets(name: str, seeds: int, run, prefix: str = "") -> dict:
+def run_seed_sets(name: str, seeds: int, run, prefix: str = "", done: dict | None = None) -> dict:
     """`run(tag)` for seed sets 0..seeds-1 (tags `prefix` + :func:`seed_tag`), each one's time printed as it
-    ends, averaged by :func:`average_seeds`."""
+    ends, averaged by :func:`average_seeds`. A seed set with runs in `done` (tag -> runs, see
+    :func:`bracketing`) is their average instead."""
     seeded = []
     for i in range(seeds):
-        seeded.append(run(prefix + seed_tag(i)))
-        print(f"{name} seed set {i}: {seeded[-1]['seconds']:.0f} s", flush=True)
+        tag = prefix + seed_tag(i)
+        if done and tag in done:
+            seeded.append(average_seeds(done[tag]))
+            times = " and ".join(f"{t:.0f}" for t in seeded[-1]["seed_seconds"])
+            print(f"{name} seed set {i}: {times} s, before and after the reference's", flush=True)
+        else:
+            seeded.append(run(tag))
+            print(f"{name} seed set {i}: {seeded[-1]['seconds']:.0f} s", flush=True)
     return average_seeds(seeded)
+
+
+def bracketing(reference_run, seal_run, done: dict):
+    """`reference_run(tag)` between two runs of `seal_run(tag)`, which are kept in ``done[tag]``.
+
+    The CPU's speed drifts by 15-30 % within an hour here, and the reference takes ~25 min per seed set:
+    timing seal right before and right after it and taking the mean cancels a steady drift out of the
+    speed-up instead of charging it to whichever method ran in the slower period."""
+
+    def run(tag: str) -> dict:
+        done[tag] = [seal_run(tag)]
+        out = reference_run(tag)
+        done[tag].append(seal_run(tag))
+        return out
+
+    return run
 
 
 def signed_points(ci: dict | None) -> str:
@@ -323,6 +348,12 @@ def main() -> None:
     parser.add_argument("--reference_seeds", type=int, default=1, help="seed sets of the reference")
     parser.add_argument("--reference_only", action="store_true", help="stop after the reference's runs")
     parser.add_argument(
+        "--no_bracket",
+        action="store_true",
+        help="time seal same-hp once per seed set, after all of the reference's runs, instead of right "
+        "before and right after each seed set the reference runs now (the mean of the two)",
+    )
+    parser.add_argument(
         "--seeds",
         type=int,
         default=1,
@@ -354,28 +385,30 @@ def main() -> None:
     print(f"{len(edits)} self-edits, {questions} questions", flush=True)
 
     peak = matmul_peak()
-    ref = average_seeds(
-        reference_runs(
-            out / "reference.json",
-            args.reference_seeds,
-            args.skip_reference,
-            lambda tag: reference(model_path, tokenizer, edits, by_id, grader, reward_cfg, tag),
-        )
-    )
-    if args.reference_only:
-        return
-
     model = wrap_for_adapters(load_model(model_path), TTTConfig())
     methods = {
         "seal same-hp": REFERENCE,
         "seal recipe": replace(REFERENCE, ttt_batch_size=8, ttt_lr_scheduler="constant"),
     }
     methods.update({f"seal {text}": ttt_settings(text) for text in args.extra})
+    seal_runs = {
+        name: partial(
+            ours, model, tokenizer, edits, by_id, grader, reward_cfg, cfg, paired=name == "seal same-hp"
+        )
+        for name, cfg in methods.items()
+    }  # paired: same hyperparameters, init and data order as the reference
+    bracketed: dict[str, list[dict]] = {}  # seal same-hp's runs timed around the reference's, by seed tag
+    reference_run = partial(reference, model_path, tokenizer, edits, by_id, grader, reward_cfg)
+    if not args.reference_only and not args.no_bracket:
+        reference_run = bracketing(reference_run, seal_runs["seal same-hp"], bracketed)
+    ref = average_seeds(
+        reference_runs(out / "reference.json", args.reference_seeds, args.skip_reference, reference_run)
+    )
+    if args.reference_only:
+        return
     runs = {"reference": (ref, REFERENCE)}
     for name, cfg in methods.items():
-        paired = name == "seal same-hp"  # same hyperparameters, init and data order as the reference
-        run = partial(ours, model, tokenizer, edits, by_id, grader, reward_cfg, cfg, paired=paired)
-        runs[name] = (run_seed_sets(name, args.seeds, run), cfg)
+        runs[name] = (run_seed_sets(name, args.seeds, seal_runs[name], done=bracketed), cfg)
     n_params = sum(p.numel() for p in model.get_base_model().parameters())
     rows = []
     for name, (run, cfg) in runs.items():
@@ -406,12 +439,20 @@ def main() -> None:
         "matmul_peak_gflops": peak,
         "base_params": n_params,
         "parallel_adapters": {k: v[0].get("parallel_adapters") for k, v in runs.items()},
+        # seal same-hp's seconds before and after each reference seed set run in this invocation
+        "bracketed_seconds": {tag: [r["seconds"] for r in pair] for tag, pair in bracketed.items()},
         "rows": rows,
     }
     write_json(out / "bench_ttt.json", result)
+    timing = (
+        f"seal same-hp timed right before and right after the reference's seed sets {sorted(bracketed)} "
+        "(the mean of the two)"
+        if bracketed
+        else "the reference's runs first (or reused), then seal's"
+    )
     lines = [
         f"{len(edits)} self-edits, {questions} questions; CPU matmul peak bf16 {peak['bf16']} GFLOP/s, "
-        f"fp32 {peak['fp32']} GFLOP/s",
+        f"fp32 {peak['fp32']} GFLOP/s; {timing}",
         "",
         "| method | batch | epochs, lr | evals/hour | speed-up | train tok/s | % bf16 peak "
         "| accuracy (95% CI) | Δ vs ref | accuracy per seed set |",

@@ -67,3 +67,27 @@ def test_ttt_settings_change_only_what_they_name():
     assert (cfg.ttt_lora_r, cfg.ttt_max_length) == (ref.ttt_lora_r, ref.ttt_max_length)
     with pytest.raises(ValueError, match="unknown TTT setting 'rank'"):
         bench.ttt_settings("rank=8")
+
+
+def test_bracketing_times_seal_around_each_reference_seed_set():
+    """The reference's seed set runs between two runs of seal's, and seal's seed set is their mean; seed sets
+    the reference did not run now (reused, or more of seal's) are run once."""
+    bench = load_bench()
+    calls = []
+
+    def fake(name: str, seconds: list[float]):
+        def run(tag: str) -> dict:
+            calls.append((name, tag))
+            return {"seconds": seconds.pop(0), "train_seconds": 1.0, "accuracies": [0.5, 0.25], "answers": []}
+
+        return run
+
+    done: dict = {}
+    reference = bench.bracketing(fake("reference", [100.0]), fake("seal", [10.0, 30.0]), done)
+    ref = reference(bench.seed_tag(0))
+    assert ref["seconds"] == 100.0
+    assert calls == [("seal", "bench"), ("reference", "bench"), ("seal", "bench")]
+    seal = bench.run_seed_sets("seal", 2, fake("seal", [50.0]), done=done)
+    assert calls[3:] == [("seal", "bench-1")]
+    assert seal["seed_seconds"] == [20.0, 50.0] and seal["seconds"] == 35.0
+    assert seal["accuracies"] == [0.5, 0.25]
