@@ -83,11 +83,13 @@ def test_bracketing_times_seal_around_each_reference_seed_set():
         return run
 
     done: dict = {}
-    reference = bench.bracketing(fake("reference", [100.0]), fake("seal", [10.0, 30.0]), done)
-    ref = reference(bench.seed_tag(0))
-    assert ref["seconds"] == 100.0
+    tags = {bench.seed_tag(0), bench.seed_tag(1)}  # seal's seed sets: 0 and 1
+    reference = bench.bracketing(fake("reference", [100.0, 90.0]), fake("seal", [10.0, 30.0]), done, tags)
+    assert reference(bench.seed_tag(0))["seconds"] == 100.0
     assert calls == [("seal", "bench"), ("reference", "bench"), ("seal", "bench")]
+    assert reference(bench.seed_tag(2))["seconds"] == 90.0  # a seed set seal does not run: alone
+    assert calls[3:] == [("reference", "bench-2")]
     seal = bench.run_seed_sets("seal", 2, fake("seal", [50.0]), done=done)
-    assert calls[3:] == [("seal", "bench-1")]
+    assert calls[4:] == [("seal", "bench-1")]
     assert seal["seed_seconds"] == [20.0, 50.0] and seal["seconds"] == 35.0
     assert seal["accuracies"] == [0.5, 0.25]
