@@ -74,18 +74,19 @@ def _buckets(counts: Sequence[int], cost: int) -> list[tuple[int, int, int]]:
     """Consecutive adapters grouped so that each group's blocks are as long as its largest share: (first,
     end, block) per group, minimising the padded rows plus `cost` per group (an O(G^2) dynamic program).
     Adapters ordered by share, largest first (as batched TTT routes them), make any grouping reachable."""
-    best, cut = [0] + [math.inf] * len(counts), [0] * (len(counts) + 1)
+    best = [0] + [math.inf] * len(counts)
+    last = [(0, 0)] * (len(counts) + 1)  # per end, the best last group's first adapter and block
     for end in range(1, len(counts) + 1):
-        block = 0
+        block = 1
         for first in range(end - 1, -1, -1):
             block = max(block, counts[first])
-            value = best[first] + (end - first) * max(block, 1) + cost
+            value = best[first] + (end - first) * block + cost
             if value < best[end]:
-                best[end], cut[end] = value, first
+                best[end], last[end] = value, (first, block)
     out, end = [], len(counts)
     while end:
-        first = cut[end]
-        out.append((first, end, max(max(counts[first:end]), 1)))
+        first, block = last[end]
+        out.append((first, end, block))
         end = first
     return out[::-1]
 
