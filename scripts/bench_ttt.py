@@ -27,6 +27,7 @@ import gc
 import json
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -251,28 +252,30 @@ def seed_tag(i: int) -> str:
     return "bench" if i == 0 else f"bench-{i}"
 
 
-def reference_runs(path: Path, seeds: int, reuse: bool, run) -> list[dict]:
-    """The reference's runs for seed sets 0..seeds-1: those stored in `path` reused when `reuse`, the others
-    run (`run(tag)`) and stored one by one, so an interrupted benchmark loses at most one seed set."""
+def reference_runs(path: Path, seed_sets: Sequence[int], reuse: bool, run) -> list[dict]:
+    """The reference's runs for `seed_sets`: those stored in `path` reused when `reuse`, the others run
+    (`run(tag)`) and stored one by one, so an interrupted benchmark loses at most one seed set."""
     stored = json.loads(path.read_text()) if reuse and path.exists() else {}
     if stored and "runs" not in stored:  # a single-run file from before seed sets: seed set 0
         stored = {"runs": {seed_tag(0): stored}}
     runs = stored.get("runs", {})
-    for i in range(seeds):
+    for i in seed_sets:
         tag = seed_tag(i)
         if tag not in runs:
             runs[tag] = run(tag)
             write_json(path, {"runs": runs})
         print(f"reference seed set {i}: {runs[tag]['seconds']:.0f} s", flush=True)
-    return [runs[seed_tag(i)] for i in range(seeds)]
+    return [runs[seed_tag(i)] for i in seed_sets]
 
 
-def run_seed_sets(name: str, seeds: int, run, prefix: str = "", done: dict | None = None) -> dict:
-    """`run(tag)` for seed sets 0..seeds-1 (tags `prefix` + :func:`seed_tag`), each one's time printed as it
+def run_seed_sets(
+    name: str, seed_sets: Sequence[int], run, prefix: str = "", done: dict | None = None
+) -> dict:
+    """`run(tag)` for `seed_sets` (tags `prefix` + :func:`seed_tag`), each one's time printed as it
     ends, averaged by :func:`average_seeds`. A seed set with runs in `done` (tag -> runs, see
     :func:`bracketing`) is their average instead."""
     seeded = []
-    for i in range(seeds):
+    for i in seed_sets:
         tag = prefix + seed_tag(i)
         if done and tag in done:
             seeded.append(average_seeds(done[tag]))
@@ -363,6 +366,13 @@ def main() -> None:
         help="run ours with this many seed sets (LoRA init and data order) and report the mean accuracy",
     )
     parser.add_argument(
+        "--first_seed",
+        type=int,
+        default=0,
+        help="number of the first seed set (of the reference's and ours): a further seed set in a run of its "
+        "own, bracketed like the first, e.g. --first_seed 1 --out <a new directory>",
+    )
+    parser.add_argument(
         "--extra",
         nargs="*",
         default=[],
@@ -370,6 +380,10 @@ def main() -> None:
         help="more rows of seal with other TTT settings, e.g. bs=1,epochs=5,lr=3e-3,sched=linear",
     )
     args = parser.parse_args()
+    if args.first_seed < 0:
+        parser.error(f"--first_seed must be >= 0, got {args.first_seed}")
+    seal_seeds = range(args.first_seed, args.first_seed + args.seeds)
+    reference_seeds = range(args.first_seed, args.first_seed + args.reference_seeds)
     for text in args.extra:
         ttt_settings(text)  # bad settings fail before any work
     out = Path(args.out)
@@ -403,17 +417,17 @@ def main() -> None:
     bracketed: dict[str, list[dict]] = {}  # seal same-hp's runs timed around the reference's, by seed tag
     reference_run = partial(reference, model_path, tokenizer, edits, by_id, grader, reward_cfg)
     if not args.reference_only and not args.no_bracket:
-        seal_tags = {seed_tag(i) for i in range(args.seeds)}
+        seal_tags = {seed_tag(i) for i in seal_seeds}
         reference_run = bracketing(reference_run, seal_runs["seal same-hp"], bracketed, seal_tags)
     ref = average_seeds(
-        reference_runs(out / "reference.json", args.reference_seeds, args.skip_reference, reference_run)
+        reference_runs(out / "reference.json", reference_seeds, args.skip_reference, reference_run)
     )
     if args.reference_only:
         return
     runs = {"reference": (ref, REFERENCE)}
     for name, cfg in methods.items():
         done = bracketed if name == "seal same-hp" else None  # only same-hp is timed around the reference
-        runs[name] = (run_seed_sets(name, args.seeds, seal_runs[name], done=done), cfg)
+        runs[name] = (run_seed_sets(name, seal_seeds, seal_runs[name], done=done), cfg)
     n_params = sum(p.numel() for p in model.get_base_model().parameters())
     rows = []
     for name, (run, cfg) in runs.items():

@@ -64,7 +64,7 @@ def main() -> None:
     runs = {}
     for text, cfg in configs.items():
         run = partial(ours, model, tokenizer, edits, by_id, grader, reward_cfg, cfg)
-        runs[text] = run_seed_sets(text, args.seeds, run, prefix="sweep-")
+        runs[text] = run_seed_sets(text, range(args.seeds), run, prefix="sweep-")
     base_text, base = args.configs[0], runs[args.configs[0]]
     rows = []
     for text, run in runs.items():

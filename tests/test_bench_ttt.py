@@ -1,6 +1,7 @@
 """scripts/bench_ttt.py pairs seal's adapters with the reference's: same data order as its SFTTrainer."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,23 @@ def test_bracketing_times_seal_around_each_reference_seed_set():
     assert calls == [("seal", "bench"), ("reference", "bench"), ("seal", "bench")]
     assert reference(bench.seed_tag(2))["seconds"] == 90.0  # a seed set seal does not run: alone
     assert calls[3:] == [("reference", "bench-2")]
-    seal = bench.run_seed_sets("seal", 2, fake("seal", [50.0]), done=done)
+    seal = bench.run_seed_sets("seal", range(2), fake("seal", [50.0]), done=done)
     assert calls[4:] == [("seal", "bench-1")]
     assert seal["seed_seconds"] == [20.0, 50.0] and seal["seconds"] == 35.0
     assert seal["accuracies"] == [0.5, 0.25]
+
+
+def test_reference_runs_of_later_seed_sets_alone(tmp_path):
+    """`--first_seed 1`: only seed set 1 runs (tag "bench-1"), stored beside the seed sets already there."""
+    bench = load_bench()
+    path = tmp_path / "reference.json"
+    bench.write_json(path, {"runs": {"bench": {"seconds": 1.0}}})
+    tags = []
+
+    def run(tag: str) -> dict:
+        tags.append(tag)
+        return {"seconds": 2.0}
+
+    assert bench.reference_runs(path, range(1, 2), True, run) == [{"seconds": 2.0}]
+    assert tags == ["bench-1"]
+    assert set(json.loads(path.read_text())["runs"]) == {"bench", "bench-1"}
