@@ -449,6 +449,8 @@ def main() -> None:
                 "pct_bf16_peak": round(100 * 4 * n_params * tok_s / (peak["bf16"] * 1e9), 1),
                 "accuracy": bootstrap_ci(run["accuracies"]).to_dict(),
                 "seed_accuracies": [round(a, 4) for a in run.get("seed_accuracies", [])],
+                # per self-edit, averaged over the seed sets: runs on other seed sets can be paired later
+                "accuracies": [round(a, 4) for a in run["accuracies"]],
                 "delta_vs_reference": diff.to_dict() if diff else None,
             }
         )
