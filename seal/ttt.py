@@ -255,9 +255,10 @@ class BatchedTTT:
     def _training_state(self, num_adapters: int) -> tuple[StackedLoRA, torch.optim.Optimizer]:
         """A stack of at least `num_adapters` adapters and its AdamW with the first `num_adapters` groups'
         state as new: the ones kept from the last :meth:`apply` when they have room (the moments zeroed in
-        place, which is how AdamW starts them), else new ones. Adapters past `num_adapters` sit this
-        :meth:`apply` out: they are never routed, get no gradient, and AdamW skips them."""
-        if self.stack is None or self._optimizer is None or self.stack.num_adapters < num_adapters:
+        place, which is how AdamW starts them), else new ones; after :meth:`release` a stack with room is
+        kept (its weights' memory is reused) and only the optimizer is new. Adapters past `num_adapters`
+        sit this :meth:`apply` out: they are never routed, get no gradient, and AdamW skips them."""
+        if self.stack is None or self.stack.num_adapters < num_adapters:
             self.release()
             if self.stack is not None:
                 self.stack.remove()
@@ -269,9 +270,10 @@ class BatchedTTT:
                 self.cfg.ttt_target_modules,
                 self.cfg.ttt_lora_dropout,
             )
+        if self._optimizer is None:
             device = self.stack.weights[0].device
             self._optimizer = torch.optim.AdamW(
-                [{"params": self.stack.adapter_parameters(k)} for k in range(num_adapters)],
+                [{"params": self.stack.adapter_parameters(k)} for k in range(self.stack.num_adapters)],
                 lr=self.cfg.ttt_learning_rate,
                 weight_decay=0.0,
                 fused=device.type in ("cpu", "cuda"),

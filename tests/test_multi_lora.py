@@ -221,7 +221,8 @@ def test_adapters_are_independent_parameter_groups(tokenizer):
 def test_training_state_kept_between_applies_trains_as_a_fresh_one(tokenizer):
     """A second apply() on the stack and optimizer kept from the first (moments and gradient buffers
     reused, in place) trains exactly as a new BatchedTTT: with fewer jobs than the stack holds (the extra
-    adapters sit out) and with more (a new, larger stack)."""
+    adapters sit out) and with more (a new, larger stack), and after release() (the stack kept, a new
+    optimizer)."""
     cfg = config(ttt_epochs=3)
     model = build_tiny_model(tokenizer)
     kept = BatchedTTT(model, tokenizer, cfg)
@@ -242,6 +243,15 @@ def test_training_state_kept_between_applies_trains_as_a_fresh_one(tokenizer):
     kept.release()
     assert kept._optimizer is None and not kept.stack._grads
     assert kept.stack.peft_state_dict(3)  # the trained adapters stay
+    stack = kept.stack  # after release(): the stack is kept when it has room, the optimizer is new
+    got = kept.apply(JOBS[:2], [11, 12])
+    fresh = BatchedTTT(model, tokenizer, cfg)
+    assert got == fresh.apply(JOBS[:2], [11, 12])
+    for k in range(2):
+        expected = fresh.stack.peft_state_dict(k)
+        for name, w in kept.stack.peft_state_dict(k).items():
+            assert torch.equal(w, expected[name]), name
+    assert kept.stack is stack and kept._optimizer is not None
 
 
 def test_schedule_decides_what_each_adapter_trains_on(tokenizer):
