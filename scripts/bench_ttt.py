@@ -1,7 +1,6 @@
 """The inner loop (TTT + QA evaluation per self-edit): a reference-style implementation vs seal's batched one.
 
-    python scripts/bench_ttt.py --num_passages 8 --num_self_edits 2 --seeds 3 --reference_seeds 3 \
-        --out scripts/results/bench_ttt
+    python scripts/bench_ttt.py --num_passages 8 --num_self_edits 4 --out scripts/results/bench_ttt_32
 
 On the same self-edits (sampled once from the embedded model for the sample data's eval passages and
 cached in the output directory) and the same questions, in one process:
@@ -115,9 +114,20 @@ def training_tokens(edits: list[SelfEdit], tokenizer, cfg: TTTConfig) -> int:
 
 
 def self_edits(path: Path, model_path: str, tokenizer, passages, num_self_edits: int) -> list[SelfEdit]:
-    """Sample (once; cached in `path`) self-edits with the recipe's generation settings."""
+    """Sample (once; cached in `path`) self-edits with the recipe's generation settings. A cache sampled for
+    other passages or another number per passage is an error, not silently reused."""
     if path.exists():
-        return [SelfEdit.from_dict(json.loads(line)) for line in path.read_text().splitlines()]
+        edits = [SelfEdit.from_dict(json.loads(line)) for line in path.read_text().splitlines()]
+        wanted = {(p.id, i) for p in passages for i in range(num_self_edits)}
+        cached = {(e.passage_id, e.index) for e in edits}
+        if cached != wanted:
+            per_passage = max((e.index for e in edits), default=-1) + 1
+            raise ValueError(
+                f"{path} holds {len(edits)} self-edits ({len({e.passage_id for e in edits})} passages, up to "
+                f"{per_passage} each), not {num_self_edits} for each of the {len(passages)} passages asked "
+                "for: choose another --out, or match --num_passages/--num_self_edits to it"
+            )
+        return edits
     cfg = GenerateConfig(num_self_edits=num_self_edits, max_new_tokens=192, include_passage=True)
     generator = HFGenerator(load_model(path=model_path), tokenizer, batch_size=32)
     edits = [e for per in generate_self_edits(generator, tokenizer, passages, cfg, seed=0) for e in per]
@@ -344,8 +354,10 @@ def main() -> None:
     )
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
     parser.add_argument("--num_passages", type=int, default=8)
-    parser.add_argument("--num_self_edits", type=int, default=2)
-    parser.add_argument("--out", default="scripts/results/bench_ttt")
+    # 4 per passage (30 parsable self-edits from the 8 sample passages) fills a batch of K adapters as a SEAL
+    # round does (the library samples 5 per passage); with 2 the batch thins out sooner
+    parser.add_argument("--num_self_edits", type=int, default=4)
+    parser.add_argument("--out", default="scripts/results/bench_ttt_32")
     parser.add_argument(
         "--skip_reference",
         action="store_true",
@@ -370,7 +382,8 @@ def main() -> None:
         type=int,
         default=0,
         help="number of the first seed set (of the reference's and ours): a further seed set in a run of its "
-        "own, bracketed like the first, e.g. --first_seed 1 --out <a new directory>",
+        "own, bracketed like the first, e.g. --first_seed 1 --out <a new directory holding a copy of the "
+        "first run's self_edits.jsonl, so that it runs on the same self-edits>",
     )
     parser.add_argument(
         "--extra",

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from trl import SFTConfig, SFTTrainer
 
+from seal.generate import SelfEdit
 from tests.conftest import build_tiny_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_ttt.py"
@@ -110,3 +112,18 @@ def test_reference_runs_of_later_seed_sets_alone(tmp_path):
     assert bench.reference_runs(path, range(1, 2), True, run) == [{"seconds": 2.0}]
     assert tags == ["bench-1"]
     assert set(json.loads(path.read_text())["runs"]) == {"bench", "bench-1"}
+
+
+def test_cached_self_edits_must_match_the_passages_and_count(tmp_path):
+    """The cache is reused only for the same passages and self-edits per passage; another is a clear error
+    naming the file (before any model is loaded)."""
+    bench = load_bench()
+    passages = [SimpleNamespace(id="a"), SimpleNamespace(id="b")]
+    path = tmp_path / "self_edits.jsonl"
+    edits = [SelfEdit(p.id, i, "prompt", "completion", [], "ok") for p in passages for i in range(2)]
+    path.write_text("".join(json.dumps(e.to_dict()) + "\n" for e in edits))
+    assert bench.self_edits(path, "unused", None, passages, 2) == edits
+    with pytest.raises(ValueError, match="self_edits.jsonl holds 4 self-edits .* not 4 for each of the 2"):
+        bench.self_edits(path, "unused", None, passages, 4)
+    with pytest.raises(ValueError, match="not 2 for each of the 1 passages"):
+        bench.self_edits(path, "unused", None, passages[:1], 2)
