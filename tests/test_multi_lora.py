@@ -251,6 +251,7 @@ def test_training_state_kept_between_applies_trains_as_a_fresh_one(tokenizer):
         expected = fresh.stack.peft_state_dict(k)
         for name, w in kept.stack.peft_state_dict(k).items():
             assert torch.equal(w, expected[name]), name
+    fresh.stack.remove()
     assert kept.stack is stack and kept._optimizer is not None
 
 
