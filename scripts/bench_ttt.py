@@ -301,7 +301,7 @@ def bracketing(reference_run, seal_run, done: dict, tags: set[str]):
     """`reference_run(tag)` between two runs of `seal_run(tag)`, which are kept in ``done[tag]``, for the
     seed tags in `tags` (the seed sets seal runs; the reference's others run alone).
 
-    The CPU's speed drifts by 15-30 % within an hour here, and the reference takes ~25 min per seed set:
+    The CPU's speed drifts by 15-30 % within an hour here, and the reference takes 25-45 min per seed set:
     timing seal right before and right after it and taking the mean cancels a steady drift out of the
     speed-up instead of charging it to whichever method ran in the slower period."""
 

@@ -226,9 +226,8 @@ def test_training_state_kept_between_applies_trains_as_a_fresh_one(tokenizer):
     cfg = config(ttt_epochs=3)
     model = build_tiny_model(tokenizer)
     kept = BatchedTTT(model, tokenizer, cfg)
-    kept.apply(JOBS, SEEDS)
-    stack, optimizer = kept.stack, kept._optimizer
-    for jobs, seeds in (([JOBS[2], JOBS[0]], [5, 6]), (JOBS + [JOBS[1]], [7, 8, 9, 10])):
+
+    def trains_as_fresh(jobs: list, seeds: list[int]) -> None:
         got = kept.apply(jobs, seeds)
         fresh = BatchedTTT(model, tokenizer, cfg)
         assert got == fresh.apply(jobs, seeds)
@@ -237,6 +236,11 @@ def test_training_state_kept_between_applies_trains_as_a_fresh_one(tokenizer):
             for name, w in kept.stack.peft_state_dict(k).items():
                 assert torch.equal(w, expected[name]), name
         fresh.stack.remove()
+
+    kept.apply(JOBS, SEEDS)
+    stack, optimizer = kept.stack, kept._optimizer
+    for jobs, seeds in (([JOBS[2], JOBS[0]], [5, 6]), (JOBS + [JOBS[1]], [7, 8, 9, 10])):
+        trains_as_fresh(jobs, seeds)
         assert (kept.stack is stack) == (len(jobs) <= 3)  # reused while it has room
         assert (kept._optimizer is optimizer) == (len(jobs) <= 3)
         assert not any(p.requires_grad for p in kept.stack.parameters())
@@ -244,14 +248,7 @@ def test_training_state_kept_between_applies_trains_as_a_fresh_one(tokenizer):
     assert kept._optimizer is None and not kept.stack._grads
     assert kept.stack.peft_state_dict(3)  # the trained adapters stay
     stack = kept.stack  # after release(): the stack is kept when it has room, the optimizer is new
-    got = kept.apply(JOBS[:2], [11, 12])
-    fresh = BatchedTTT(model, tokenizer, cfg)
-    assert got == fresh.apply(JOBS[:2], [11, 12])
-    for k in range(2):
-        expected = fresh.stack.peft_state_dict(k)
-        for name, w in kept.stack.peft_state_dict(k).items():
-            assert torch.equal(w, expected[name]), name
-    fresh.stack.remove()
+    trains_as_fresh(JOBS[:2], [11, 12])
     assert kept.stack is stack and kept._optimizer is not None
 
 
