@@ -116,7 +116,16 @@ class TTTConfig:
     ttt_epochs: int = field(default=10, metadata={"help": "Passes over the self-edit's sequences."})
     ttt_batch_size: int = field(default=8, metadata={"help": "Sequences per optimizer step."})
     ttt_max_length: int = field(
-        default=256, metadata={"help": "Truncate training sequences to this many tokens."}
+        default=256,
+        metadata={"help": "Longest training sequence in tokens; longer ones: see ttt_overlong (never cut)."},
+    )
+    ttt_overlong: str = field(
+        default="split",
+        metadata={
+            "help": "split: a sequence longer than ttt_max_length is trained on as consecutive chunks (a "
+            "short prompt, e.g. the title, repeated before each); error: refuse it, naming the record, "
+            "before any compute."
+        },
     )
     ttt_loss: str = field(
         default="all",

@@ -125,8 +125,20 @@ def parse_record(record: Any, source: str, index: int, problems: list[str]) -> P
     )
 
 
+def _decode(path: Path) -> str:
+    """The file's text; non-UTF-8 bytes are a DataValidationError naming the file, line and byte offset."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataValidationError(
+            [f"{path}: line {line}, byte {e.start}: not valid UTF-8 ({e.reason}); save the file as UTF-8"]
+        ) from None
+
+
 def _read_file(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
+    text = _decode(path)
     if path.suffix == ".jsonl":
         records = []
         for lineno, line in enumerate(text.splitlines(), 1):

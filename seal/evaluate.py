@@ -27,7 +27,9 @@ from trl import ModelConfig
 
 from seal.config import EvalConfig, GenerateConfig, RewardConfig, TTTConfig, VLLMConfig, snapshot
 from seal.data import DataValidationError, Passage, load_passages
-from seal.generate import HFGenerator, SelfEdit, generate_self_edits, make_self_edits, select_backend
+from seal.generate import HFGenerator, SelfEdit, generate_self_edits, make_self_edits
+from seal.generate.engine import adapter_rank, build_engine, engine_backend
+from seal.generate.self_edits import check_prompt_lengths
 from seal.graders import GRADER_NAMES, Grader
 from seal.inner_loop import MODES, InnerLoop, Job
 from seal.journal import Journal
@@ -36,7 +38,7 @@ from seal.report import bar_chart, markdown_results
 from seal.reward import Rewarder, build_grader
 from seal.stats import bootstrap_ci, paired_difference
 from seal.templates import TrainExample, passage_examples
-from seal.ttt import wrap_for_adapters
+from seal.ttt import check_overlong, check_passages_fit, wrap_for_adapters
 from seal.utils import read_jsonl, task_seed, write_json, write_jsonl
 
 logger = logging.getLogger("seal")
@@ -102,8 +104,22 @@ def check_args(args: EvalArgs) -> list[str]:
         raise ValueError(f"eval_num_self_edits must be >= 1, got {cfg.eval_num_self_edits}")
     if args.ttt.ttt_mode not in MODES:
         raise ValueError(f"ttt_mode must be one of {MODES}, got '{args.ttt.ttt_mode}'")
-    select_backend(args.generate.generator_backend)
+    engine_backend(args.generate.generator_backend, args.model)
     return list(dict.fromkeys([*cfg.eval_conditions, *files]))
+
+
+def serving_rank(args: EvalArgs, conditions: Sequence[str]) -> int:
+    """The largest LoRA rank the engine serves: the TTT adapters', and the trained generator's update adapter
+    (its own rank, e.g. 64 beside TTT's 32) when that condition samples from one."""
+    rank = args.ttt.ttt_lora_r
+    generator = args.eval.eval_generator
+    if (
+        "trained_generator" in conditions
+        and generator
+        and (Path(generator) / "adapter_config.json").is_file()
+    ):
+        rank = max(rank, adapter_rank(generator))
+    return rank
 
 
 def load_completions(path: str, passages: Sequence[Passage], n: int) -> dict[str, list[str]]:
@@ -154,6 +170,9 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
 
     base_path = resolve_model_path(args.model.model_name_or_path)
     tokenizer = load_tokenizer(base_path, revision=args.model.model_revision)
+    if {"base_generator", "trained_generator"} & set(conditions):  # self-edits are sampled: before models
+        check_prompt_lengths(passages, tokenizer, gen, args.vllm.vllm_max_model_len)
+    check_passages_fit(passages, tokenizer, args.ttt, gen, gen.include_passage or "passage" in conditions)
     model = wrap_for_adapters(
         load_model(
             base_path,
@@ -163,11 +182,16 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
         ),
         args.ttt,
     )
-    engine = HFGenerator(model, tokenizer, gen.generation_batch_size, args.ttt.ttt_autocast)
-    if select_backend(gen.generator_backend) == "vllm":
-        from seal.loop import vllm_engine  # the same engine settings as the ReST-EM loop
-
-        engine = vllm_engine(args.vllm, base_path, tokenizer, args.ttt.ttt_lora_r, cfg.eval_seed)
+    hf = HFGenerator(model, tokenizer, gen.generation_batch_size, args.ttt.ttt_autocast)
+    engine = build_engine(
+        gen.generator_backend,
+        args.model,
+        hf,
+        args.vllm,
+        base_path,
+        serving_rank(args, conditions),
+        cfg.eval_seed,
+    )
     graders = {
         g: build_grader(dataclasses.replace(args.reward, reward_grader=g), engine, tokenizer)
         for g in cfg.eval_graders
@@ -216,6 +240,7 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
     def finished(job: Job, losses: list[float], scores) -> None:
         journal.append(("ttt", job.name), losses=losses, scores=[s.to_dict() for s in scores])
 
+    ttt_split = check_overlong([j.examples for j in jobs], [j.name for j in jobs], tokenizer, args.ttt)
     if pending:
         InnerLoop(model, tokenizer, args.ttt, rewarder, out / "adapters").run(pending, finished)
     if hasattr(engine, "close"):
@@ -223,6 +248,7 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
 
     records = graded_answers(passages, conditions, journal, graders, cfg)
     results = summarize(records, passages, conditions, cfg, time.time() - t_start)
+    results["ttt_split"] = ttt_split  # training examples (over all TTT runs) split into chunks
     write_outputs(out, results, records)
     logger.info("results in %s", out / "results.md")
     return results

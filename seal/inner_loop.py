@@ -25,6 +25,7 @@ from seal.config import TTTConfig
 from seal.data import Passage
 from seal.generate import HFGenerator
 from seal.generate.hf import stack_adapter
+from seal.paths import safe_name
 from seal.reward import PassageScore, Rewarder
 from seal.templates import TrainExample
 from seal.ttt import TTT, BatchedTTT, parallel_adapters, tokens_per_step
@@ -37,7 +38,7 @@ MODES = ("batched", "sequential")
 class Job:
     """Train one adapter on `examples` (seeded), then answer the questions of `passages` without context."""
 
-    name: str  # unique within a run; names the exported adapter directory
+    name: str  # unique within a run; names the exported adapter directory (through safe_name)
     examples: Sequence[TrainExample]
     passages: Sequence[Passage]
     seed: int
@@ -162,7 +163,8 @@ class InnerLoop:
 
         The HF engine on the TTT model uses the live weights (the `ttt` PEFT adapter, or the stack). Any
         other engine gets them through disk: PEFT directories registered under fresh names, unregistered and
-        deleted afterwards.
+        deleted afterwards. Each directory is ``adapter_dir / safe_name(job.name)``: a job name carries a
+        passage id (user data), which must not pick where adapters are written or deleted.
         """
         if self.shares_model:
             if self.cfg.ttt_mode == "sequential":
@@ -172,7 +174,7 @@ class InnerLoop:
                 yield [stack_adapter(i) for i in range(len(jobs))]
             return
         names: list[str] = []
-        paths = [self.adapter_dir / job.name for job in jobs]
+        paths = [self.adapter_dir / safe_name(job.name) for job in jobs]
         try:
             for i, path in enumerate(paths):
                 names.append(self.engine.add_adapter(str(save(i, path))))

@@ -44,7 +44,9 @@ from seal.config import (
 )
 from seal.data import Passage, load_passages
 from seal.filter import STRATEGIES, select
-from seal.generate import HFGenerator, SelfEdit, generate_self_edits, select_backend
+from seal.generate import HFGenerator, SelfEdit, generate_self_edits
+from seal.generate.engine import build_engine, engine_backend, vllm_engine
+from seal.generate.self_edits import check_prompt_lengths
 from seal.graders import GRADER_NAMES
 from seal.hub import HUB_RESUMABLE, check_hub_args, push
 from seal.inner_loop import MODES, InnerLoop, Job
@@ -54,7 +56,7 @@ from seal.review import review_round
 from seal.reward import PassageScore, Rewarder, build_grader, reward
 from seal.templates import get_template
 from seal.tracking import RoundTracker
-from seal.ttt import wrap_for_adapters
+from seal.ttt import check_overlong, check_passages_fit, wrap_for_adapters
 from seal.update import finished_update, update_generator
 from seal.utils import read_jsonl, task_seed, write_json, write_jsonl
 
@@ -84,7 +86,7 @@ class SealArgs:
 def check_args(args: SealArgs) -> None:
     """Refuse an inconsistent recipe before loading anything."""
     get_template(args.generate)
-    engine_backend(args)
+    engine_backend(args.generate.generator_backend, args.model)
     check_hub_args(args, pushing=args.sft.push_to_hub)
     if args.reward.reward_grader not in GRADER_NAMES:
         raise ValueError(f"reward_grader must be one of {GRADER_NAMES}, got '{args.reward.reward_grader}'")
@@ -198,6 +200,8 @@ def run(
     with state.main_process_first():  # the embedded model is converted (once) by the main process
         base_path = resolve_model_path(args.model.model_name_or_path, args.loop.model_cache_dir)
     tokenizer = load_tokenizer(base_path, revision=args.model.model_revision)
+    check_prompt_lengths(passages, tokenizer, args.generate, args.vllm.vllm_max_model_len)  # before models
+    check_passages_fit(passages, tokenizer, args.ttt, args.generate)  # ttt_overlong: error
     model = wrap_for_adapters(
         load_model(
             base_path,
@@ -210,10 +214,8 @@ def run(
     )
     hf = HFGenerator(model, tokenizer, args.generate.generation_batch_size, args.ttt.ttt_autocast)
     # The engine samples self-edits and answers questions: vLLM (adapters through LoRARequest) or HF itself.
-    engine = (
-        hf
-        if engine_backend(args) == "hf"
-        else vllm_engine(args.vllm, base_path, tokenizer, lora_rank(args), args.sft.seed)
+    engine = build_engine(
+        args.generate.generator_backend, args.model, hf, args.vllm, base_path, lora_rank(args), args.sft.seed
     )
     judge, judge_tokenizer = engine, tokenizer  # a local judge is the base model unless judge_model is set
     if args.reward.reward_grader == "judge" and args.reward.judge_model and not args.reward.judge_url:
@@ -261,6 +263,9 @@ def run(
             if world > 1:
                 broadcast_object_list([[e.to_dict() for e in edits]])
         t_gen = time.time() - t0
+        ok = [e for e in edits if e.status == "ok"]  # TTT splits long examples (logged), or refuses them
+        names = [f"passage {e.passage_id} self-edit {e.index}" for e in ok]
+        ttt_split = check_overlong([e.examples for e in ok], names, tokenizer, args.ttt)
 
         # 2-3. apply each self-edit with a fresh LoRA, then reward the adapted model (journaled one by one;
         #      in batched mode many self-edits are trained and answered together).
@@ -363,6 +368,7 @@ def run(
             generator, adapter = load_generator(update, engine, r, args, tokenizer)
 
         summary = round_summary(r, passages, rows, kept, update, t_gen, t_eval, time.time() - t0, world)
+        summary["ttt_split"] = ttt_split  # training examples longer than ttt_max_length, trained as chunks
         summaries.append(summary)
         if main:
             write_json(round_dir / "summary.json", summary)
@@ -417,49 +423,9 @@ def all_cpu_threads(enabled: bool) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def engine_backend(args: SealArgs) -> str:
-    """hf or vllm. A quantized (QLoRA) base is served by HF transformers, which runs the 4-bit weights TTT
-    trains on; `auto` picks it, an explicit `vllm` is refused."""
-    backend = select_backend(args.generate.generator_backend)
-    if args.model.load_in_4bit or args.model.load_in_8bit:
-        if args.generate.generator_backend == "vllm":
-            raise ValueError(
-                "generator_backend: vllm cannot serve the bitsandbytes-quantized base that TTT trains on "
-                "(load_in_4bit / load_in_8bit): use generator_backend: hf (or auto)"
-            )
-        return "hf"
-    return backend
-
-
 def lora_rank(args: SealArgs) -> int:
     """The largest LoRA rank an engine must serve: TTT adapters and the generator's update adapter."""
     return max(args.ttt.ttt_lora_r, args.model.lora_r if args.model.use_peft else 1)
-
-
-def vllm_engine(vllm: VLLMConfig, model_path: str, tokenizer, max_lora_rank: int, seed: int):
-    """A vLLM engine for `model_path` whose LoRA limit fits adapters up to `max_lora_rank`.
-
-    With `vllm_server_url` it is a running `vllm serve` instead, which must serve the same base model, have
-    LoRA enabled with a large enough --max-lora-rank, and read adapters from this machine's file system.
-    """
-    from seal.generate.vllm_backend import EngineSettings, VLLMGenerator
-
-    if vllm.vllm_server_url:
-        from seal.generate.server import ServerGenerator
-
-        return ServerGenerator(vllm.vllm_server_url)
-
-    settings = EngineSettings(
-        model=model_path,
-        max_lora_rank=max_lora_rank,
-        max_loras=vllm.vllm_max_loras,
-        max_model_len=vllm.vllm_max_model_len,
-        gpu_memory_utilization=vllm.vllm_gpu_memory_utilization,
-        dtype=vllm.vllm_dtype,
-        seed=seed,
-        enable_sleep_mode=vllm.vllm_enable_sleep_mode,
-    )
-    return VLLMGenerator(settings, tokenizer)
 
 
 def sleeping(engine, asleep: bool) -> None:

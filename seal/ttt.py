@@ -9,6 +9,7 @@ hundreds of self-edits per round); the ReST-EM update, a single long run, does u
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import shutil
@@ -24,10 +25,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seal.attention import PACKED_ATTENTION, packed_attention_supported
-from seal.config import TTTConfig
+from seal.config import GenerateConfig, TTTConfig
+from seal.data import DataValidationError, Passage
 from seal.losses import IGNORE_INDEX, grouped_linear_cross_entropy, grouped_loss
 from seal.multi_lora import StackedLoRA, find_targets
-from seal.templates import TrainExample
+from seal.templates import TrainExample, passage_examples
 from seal.utils import (
     attention_implementation,
     autocast,
@@ -41,6 +43,11 @@ ADAPTER = "ttt"
 # Logit transforms some architectures apply after their output layer (the fused loss then does not apply).
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 PACK_LENGTH = 256  # tokens per packed training row (batched TTT); attention cost grows with its square
+OVERLONG = ("split", "error")  # ttt_overlong: what happens to a sequence longer than ttt_max_length
+PROMPT_SHARE = 4  # a prompt of at most ttt_max_length // 4 tokens is repeated before every chunk
+Sequences = list[tuple[list[int], list[int]]]  # (input_ids, labels) training sequences
+
+logger = logging.getLogger("seal")
 
 
 def ttt_lora_config(cfg: TTTConfig) -> LoraConfig:
@@ -63,22 +70,139 @@ def wrap_for_adapters(model: PreTrainedModel | PeftModel, cfg: TTTConfig) -> Pef
     return peft_model
 
 
+def check_overlong_mode(cfg: TTTConfig) -> None:
+    """Refuse an unknown `ttt_overlong`, and a `ttt_max_length` too short to split at (< 2)."""
+    if cfg.ttt_overlong not in OVERLONG:
+        raise ValueError(f"ttt_overlong must be one of {OVERLONG}, got '{cfg.ttt_overlong}'")
+    if cfg.ttt_max_length < 2:
+        raise ValueError(f"ttt_max_length must be >= 2, got {cfg.ttt_max_length}")
+
+
+def encode_example(ex: TrainExample, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids + EOS) of one example, without other special tokens."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prompt_ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] if ex.prompt else []
+    return prompt_ids, tokenizer(ex.completion, add_special_tokens=False)["input_ids"] + eos
+
+
+def split_sequence(
+    prompt_ids: list[int], completion_ids: list[int], max_length: int, completion_only: bool
+) -> Sequences:
+    """`prompt + completion` as (input_ids, labels) chunks of at most `max_length` tokens, nothing cut.
+
+    One chunk when it fits. Else the first chunk is its first `max_length` tokens and every further chunk
+    starts with masked context: the prompt (e.g. the title line) when it is at most max_length //
+    PROMPT_SHARE tokens, else the previous chunk's last token. Invariant: every position of the sequence is
+    a label (masked or not exactly as unsplit) in exactly one chunk, and each chunk's first label position
+    is preceded by context, so every token the unsplit sequence predicts is predicted once (the EOS only at
+    the end of the last chunk). Prompt labels are masked when `completion_only`.
+    """
+    ids = prompt_ids + completion_ids
+    labels = ([IGNORE_INDEX] * len(prompt_ids) if completion_only else list(prompt_ids)) + completion_ids
+    if len(ids) <= max_length:
+        return [(ids, labels)]
+    if max_length < 2:
+        raise ValueError(f"cannot split a sequence into chunks of at most {max_length} token")
+    repeat = 0 < len(prompt_ids) <= max_length // PROMPT_SHARE
+    chunks = [(ids[:max_length], labels[:max_length])]
+    start = max_length
+    while start < len(ids):
+        context = list(prompt_ids) if repeat else ids[start - 1 : start]
+        end = start + max_length - len(context)
+        chunks.append((context + ids[start:end], [IGNORE_INDEX] * len(context) + labels[start:end]))
+        start = end
+    return chunks
+
+
 def tokenize_examples(
     examples: Sequence[TrainExample],
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     completion_only: bool,
-) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per example, EOS appended; prompt tokens masked when `completion_only`."""
-    out = []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for ex in examples:
-        prompt_ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] if ex.prompt else []
-        completion_ids = tokenizer(ex.completion, add_special_tokens=False)["input_ids"] + eos
-        ids = (prompt_ids + completion_ids)[:max_length]
-        labels = ([IGNORE_INDEX] * len(prompt_ids) if completion_only else prompt_ids) + completion_ids
-        out.append((ids, labels[:max_length]))
-    return out
+) -> Sequences:
+    """(input_ids, labels) training sequences of `examples`, in order, EOS appended, prompt tokens masked
+    when `completion_only`; an example longer than `max_length` gives several (:func:`split_sequence`)."""
+    return [
+        chunk
+        for ex in examples
+        for chunk in split_sequence(*encode_example(ex, tokenizer), max_length, completion_only)
+    ]
+
+
+def overlong(
+    examples: Sequence[TrainExample], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> list[tuple[int, int]]:
+    """(index, tokens) of every example whose prompt + completion + EOS is longer than `max_length`."""
+    lengths = ((i, sum(map(len, encode_example(ex, tokenizer)))) for i, ex in enumerate(examples))
+    return [(i, n) for i, n in lengths if n > max_length]
+
+
+def check_overlong(
+    jobs: Sequence[Sequence[TrainExample]],
+    names: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: TTTConfig,
+    log: bool = True,
+) -> int:
+    """How many examples of `jobs` are longer than ttt_max_length (TTT splits them; logged once, INFO, on
+    `seal`). With ttt_overlong=error a DataValidationError instead, naming each one's job (`names[k]`),
+    example, length and the limit: call it before any training."""
+    check_overlong_mode(cfg)
+    limit = cfg.ttt_max_length
+    found = [
+        (name, i, n, job[i])
+        for job, name in zip(jobs, names, strict=True)
+        for i, n in overlong(job, tokenizer, limit)
+    ]
+    if cfg.ttt_overlong == "error" and found:
+        raise DataValidationError(
+            [
+                f"{name}: training example {i} ({ex.text!r:.50}): {n} tokens (prompt + completion + EOS), "
+                f"longer than ttt_max_length={limit} (ttt_overlong: error)"
+                for name, i, n, ex in found
+            ]
+        )
+    if log:
+        longest = f" (longest {max(n for _, _, n, _ in found)}): split into chunks, all trained on"
+        logger.info(
+            "TTT: %d of %d training examples longer than ttt_max_length=%d tokens%s",
+            *(len(found), sum(map(len, jobs)), limit, longest if found else ""),
+        )
+    return len(found)
+
+
+def check_passages_fit(
+    passages: Sequence[Passage],
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: TTTConfig,
+    gen: GenerateConfig,
+    trained: bool | None = None,
+) -> None:
+    """With ttt_overlong=error, refuse (before any model loads) a passage whose own TTT sequence (title
+    prefix + context + EOS) is longer than ttt_max_length; `trained`: is the passage trained on (default
+    `gen.include_passage`). Validates ttt_overlong and ttt_max_length in any case."""
+    check_overlong_mode(cfg)
+    if cfg.ttt_overlong != "error" or not (gen.include_passage if trained is None else trained):
+        return
+    problems = [
+        f"record {p.id}: field 'context': {n} tokens as a TTT sequence (title + context + EOS), longer than "
+        f"ttt_max_length={cfg.ttt_max_length} (ttt_overlong: error)"
+        for p in passages
+        for _, n in overlong(passage_examples(p, gen), tokenizer, cfg.ttt_max_length)
+    ]
+    if problems:
+        raise DataValidationError(problems)
+
+
+def training_sequences(
+    jobs: Sequence[Sequence[TrainExample]], tokenizer: PreTrainedTokenizerBase, cfg: TTTConfig
+) -> list[Sequences]:
+    """Each job's (input_ids, labels) sequences exactly as sequential and batched TTT train on them: long
+    examples split, or (ttt_overlong=error) refused before any training."""
+    if cfg.ttt_overlong == "error":
+        check_overlong(jobs, [f"TTT job {k}" for k in range(len(jobs))], tokenizer, cfg, log=False)
+    completion_only = cfg.ttt_loss == "completion"
+    return [tokenize_examples(job, tokenizer, cfg.ttt_max_length, completion_only) for job in jobs]
 
 
 def collate(
@@ -130,6 +254,7 @@ class TTT:
     def __init__(self, model: PeftModel, tokenizer: PreTrainedTokenizerBase, cfg: TTTConfig):
         if cfg.ttt_loss not in ("all", "completion"):
             raise ValueError(f"ttt_loss must be 'all' or 'completion', got '{cfg.ttt_loss}'")
+        check_overlong_mode(cfg)
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = cfg
@@ -157,12 +282,7 @@ class TTT:
         if not examples:
             return []
         device = model_device(self.model)
-        data = tokenize_examples(
-            examples,
-            self.tokenizer,
-            self.cfg.ttt_max_length,
-            completion_only=self.cfg.ttt_loss == "completion",
-        )
+        (data,) = training_sequences([examples], self.tokenizer, self.cfg)
         params = self.trainable_parameters()
         optimizer = torch.optim.AdamW(params, lr=self.cfg.ttt_learning_rate, weight_decay=0.0)
         batches = batch_schedule(len(data), self.cfg.ttt_batch_size, self.cfg.ttt_epochs, seed)
@@ -239,6 +359,7 @@ class BatchedTTT:
         if cfg.ttt_loss not in ("all", "completion"):
             raise ValueError(f"ttt_loss must be 'all' or 'completion', got '{cfg.ttt_loss}'")
         lr_factor(cfg.ttt_lr_scheduler, 0, 1)  # validate early
+        check_overlong_mode(cfg)
         self.exact_peft_init = exact_peft_init
         self.schedule = schedule
         self.model = model
@@ -301,15 +422,12 @@ class BatchedTTT:
         """
         if len(jobs) != len(seeds):
             raise ValueError(f"{len(jobs)} jobs but {len(seeds)} seeds")
+        data = training_sequences(jobs, self.tokenizer, self.cfg)  # first: ttt_overlong=error refuses here
         stack, optimizer = self._training_state(max(len(jobs), 1))
         peft_model = self.model if isinstance(self.model, PeftModel) else None
         for k, seed in enumerate(seeds):
             stack.init_adapter(k, seed, peft_model if self.exact_peft_init else None, self.lora_config)
         device = model_device(self.model)
-        data = [
-            tokenize_examples(job, self.tokenizer, self.cfg.ttt_max_length, self.cfg.ttt_loss == "completion")
-            for job in jobs
-        ]
         plans = [
             self.schedule(len(d), self.cfg.ttt_batch_size, self.cfg.ttt_epochs, s) if d else []
             for d, s in zip(data, seeds, strict=True)
@@ -513,7 +631,8 @@ def training_attention(model: PreTrainedModel | PeftModel, device: torch.device)
 def tokens_per_step(
     jobs: Sequence[Sequence[TrainExample]], tokenizer: PreTrainedTokenizerBase, cfg: TTTConfig
 ) -> int:
-    """The most tokens one adapter contributes to a packed training step (its batch's total length)."""
+    """The most tokens one adapter contributes to a packed training step (its batch's total length), counted
+    on the sequences TTT trains on (long examples split into chunks of at most ttt_max_length)."""
     most = 1
     for job in jobs:
         lengths = sorted(

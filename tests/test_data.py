@@ -133,6 +133,22 @@ def test_invalid_json_line_and_duplicate_ids_and_non_object(tmp_path):
         load_passages(str(tmp_path / "e.json"))
 
 
+def test_non_utf8_file_names_file_line_and_byte_offset(tmp_path):
+    good = (json.dumps(GOOD) + "\n").encode()
+    latin1 = json.dumps(dict(GOOD, id="p2", context="S\u00f6me text."), ensure_ascii=False).encode("latin-1")
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_bytes(good + latin1 + b"\n")
+    offset = len(good) + latin1.index(b"\xf6")
+    with pytest.raises(DataValidationError) as err:
+        load_passages(str(jsonl))
+    assert str(err.value.problems[0]).startswith(f"{jsonl}: line 2, byte {offset}: not valid UTF-8")
+    raw = b'[{"id": "p1", "title": "\xff"}]'
+    (tmp_path / "d.json").write_bytes(raw)
+    offset = raw.index(b"\xff")
+    with pytest.raises(DataValidationError, match=rf"d\.json: line 1, byte {offset}: not valid UTF-8"):
+        load_passages(str(tmp_path / "d.json"))
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json"):
         load_passages(str(tmp_path / "nope.json"))

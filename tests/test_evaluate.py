@@ -52,7 +52,9 @@ def eval_args(model_path, out_dir, **overrides) -> EvalArgs:
     )
     for key, value in overrides.items():
         section = next(
-            s for s in ("model", "eval", "generate", "ttt", "reward") if hasattr(getattr(args, s), key)
+            s
+            for s in ("model", "eval", "generate", "ttt", "reward", "vllm")
+            if hasattr(getattr(args, s), key)
         )
         setattr(getattr(args, section), key, value)
     return args
@@ -171,3 +173,38 @@ def test_bad_completion_files_are_refused_naming_file_record_and_field(
     ]:
         with pytest.raises(DataValidationError, match=match):
             evaluate(eval_args(tiny_model_path, tmp_path / "eval", eval_completions=[f"f={path}"]))
+
+
+def test_evaluation_serves_a_quantized_base_by_hf_like_the_loop(tiny_model_path, tmp_path, monkeypatch):
+    """A 4-bit base is served by HF transformers (the engine TTT trains on): `auto` picks it without building
+    vLLM, an explicit `vllm` is refused before any model loads, as in the ReST-EM loop."""
+    from seal.generate import engine as engine_module
+
+    monkeypatch.setattr(
+        engine_module, "select_backend", lambda requested: "vllm"
+    )  # as if vLLM were installed
+    monkeypatch.setattr(
+        engine_module, "vllm_engine", lambda *a, **k: pytest.fail("vLLM built for a 4-bit base")
+    )
+    args = eval_args(tiny_model_path, tmp_path / "eval", load_in_4bit=True, generator_backend="vllm")
+    monkeypatch.setattr(evaluate_module, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match="load_in_4bit"):
+        evaluate(args)
+    args.generate.generator_backend = "auto"
+    hf = object.__new__(evaluate_module.HFGenerator)
+    built = engine_module.build_engine("auto", args.model, hf, args.vllm, tiny_model_path, 8, 0)
+    assert built is hf
+
+
+def test_serving_rank_covers_the_trained_generators_update_adapter(tmp_path, tokenizer):
+    """The engine's LoRA limit fits the trained generator's adapter when its rank exceeds TTT's (the GPU
+    recipe: update lora_r 64, TTT 32); without that condition TTT's rank is enough."""
+    path = tmp_path / "generator"
+    model = get_peft_model(build_tiny_model(tokenizer), LoraConfig(r=64, target_modules=["q_proj"]))
+    model.save_pretrained(path)
+    args = eval_args("unused", tmp_path / "eval", eval_generator=str(path), ttt_lora_r=32)
+    assert evaluate_module.serving_rank(args, ["base", "trained_generator"]) == 64
+    assert evaluate_module.serving_rank(args, ["base", "passage"]) == 32
+    (path / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="field 'r'"):
+        evaluate_module.serving_rank(args, ["trained_generator"])

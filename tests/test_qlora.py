@@ -88,11 +88,10 @@ def test_update_step_trains_a_qlora_adapter(qlora_model_path, tmp_path):
 
 
 def test_quantized_base_is_served_by_hf(tmp_path):
-    from seal.loop import engine_backend
+    from seal.generate.engine import engine_backend
     from tests.test_loop import tiny_args
 
     args = tiny_args("x", tmp_path, load_in_4bit=True, generator_backend="auto")
-    assert engine_backend(args) == "hf"
-    args.generate.generator_backend = "vllm"
+    assert engine_backend(args.generate.generator_backend, args.model) == "hf"
     with pytest.raises(ValueError, match="load_in_4bit"):
-        engine_backend(args)
+        engine_backend("vllm", args.model)

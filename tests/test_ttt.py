@@ -1,9 +1,26 @@
+import logging
+
+import pytest
 import torch
 from peft import PeftModel
 
-from seal.config import TTTConfig
+from seal import ttt as ttt_module
+from seal.config import GenerateConfig, TTTConfig
+from seal.data import DataValidationError, Passage
 from seal.templates import TrainExample
-from seal.ttt import ADAPTER, IGNORE_INDEX, TTT, collate, tokenize_examples, wrap_for_adapters
+from seal.ttt import (
+    ADAPTER,
+    IGNORE_INDEX,
+    TTT,
+    BatchedTTT,
+    check_overlong,
+    check_passages_fit,
+    collate,
+    split_sequence,
+    tokenize_examples,
+    tokens_per_step,
+    wrap_for_adapters,
+)
 from tests.conftest import build_tiny_model
 
 EXAMPLES = [
@@ -24,8 +41,119 @@ def test_tokenize_masks_prompt_for_completion_loss(tokenizer):
     assert ids[-1] == tokenizer.eos_token_id
     (ids_all, labels_all), _ = tokenize_examples(EXAMPLES, tokenizer, 64, completion_only=False)
     assert labels_all == ids_all
-    (short, short_labels), _ = tokenize_examples(EXAMPLES, tokenizer, 5, completion_only=False)
-    assert len(short) == len(short_labels) == 5
+    short = tokenize_examples(EXAMPLES, tokenizer, 5, completion_only=False)
+    assert len(short) > len(EXAMPLES) and all(len(ids) == len(labels) <= 5 for ids, labels in short)
+
+
+LONG = TrainExample(
+    "Zorvath\n",
+    "Zorvath was founded in 1820 by Ilsa Marrow, a cartographer who mapped the northern fjords. Its "
+    "harbour froze every winter until 1911, when the Marrow canal opened; the town's bell, cast in 1844, "
+    "still rings at noon.",
+)
+
+
+def targets(chunks):
+    """The tokens a causal LM loss trains on, in order: each unmasked label past a chunk's first position."""
+    return [label for _, labels in chunks for label in labels[1:] if label != IGNORE_INDEX]
+
+
+@pytest.mark.parametrize("completion_only", [False, True])
+@pytest.mark.parametrize("prompt_len", [0, 3, 12])  # none, short (repeated), long (1-token overlap)
+@pytest.mark.parametrize("max_length", [2, 5, 16, 17])
+def test_split_sequence_trains_every_token_once(prompt_len, max_length, completion_only):
+    prompt, completion = list(range(100, 100 + prompt_len)), list(range(1, 41)) + [0]  # 0: EOS
+    whole = split_sequence(prompt, completion, 10_000, completion_only)
+    chunks = split_sequence(prompt, completion, max_length, completion_only)
+    assert len(chunks) > 1 and all(len(ids) == len(labels) <= max_length for ids, labels in chunks)
+    assert targets(chunks) == targets(whole)  # every trained token exactly once, in order
+    assert [ids[-1] for ids, _ in chunks].count(0) == 1 and chunks[-1][0][-1] == 0  # EOS ends the last only
+    repeat = 0 < prompt_len <= max_length // 4
+    for ids, labels in chunks[1:]:
+        context = prompt_len if repeat else 1
+        assert labels[:context] == [IGNORE_INDEX] * context  # context only, trained in an earlier chunk
+        if repeat:
+            assert ids[:prompt_len] == prompt  # each chunk keeps the title
+
+
+def test_long_example_split_with_title_and_counted(tokenizer, caplog):
+    title = tokenizer("Zorvath\n", add_special_tokens=False)["input_ids"]
+    (whole,) = tokenize_examples([LONG], tokenizer, 10_000, completion_only=False)
+    assert len(whole[0]) > 32
+    chunks = tokenize_examples([LONG], tokenizer, 32, completion_only=False)
+    assert len(chunks) == -(-(len(whole[0]) - 32) // (32 - len(title))) + 1
+    assert all(len(ids) <= 32 and ids[: len(title)] == title for ids, _ in chunks)
+    assert targets(chunks) == targets([whole])
+    cfg = TTTConfig(ttt_max_length=32)
+    with caplog.at_level(logging.INFO, logger="seal"):
+        assert check_overlong([[LONG, *EXAMPLES], [LONG]], ["a", "b"], tokenizer, cfg) == 2
+    (record,) = [r for r in caplog.records if r.name == "seal"]
+    assert "2 of 4 training examples longer than ttt_max_length=32" in record.getMessage()
+    assert tokens_per_step(
+        [[LONG, *EXAMPLES]], tokenizer, TTTConfig(ttt_max_length=32, ttt_batch_size=2)
+    ) == sum(sorted(len(ids) for ids, _ in chunks + tokenize_examples(EXAMPLES, tokenizer, 32, False))[-2:])
+
+
+def test_overlong_error_mode_names_record_field_length_and_limit(tokenizer, tiny_model):
+    cfg = TTTConfig(ttt_max_length=32, ttt_overlong="error")
+    n = len(tokenize_examples([LONG], tokenizer, 10_000, False)[0][0])
+    with pytest.raises(DataValidationError) as err:
+        check_overlong(
+            [EXAMPLES, [EXAMPLES[0], LONG]],
+            ["passage p1 self-edit 0", "passage p2 self-edit 3"],
+            tokenizer,
+            cfg,
+        )
+    (problem,) = err.value.problems
+    assert problem.startswith("passage p2 self-edit 3: training example 1 (") and "Zorvath was" in problem
+    assert f"{n} tokens" in problem and "ttt_max_length=32" in problem
+    passage = Passage("p7", "Zorvath", LONG.completion, [])
+    with pytest.raises(
+        DataValidationError, match=rf"record p7: field 'context': {n} tokens .* ttt_max_length=32"
+    ):
+        check_passages_fit([passage], tokenizer, cfg, GenerateConfig())
+    check_passages_fit([passage], tokenizer, cfg, GenerateConfig(include_passage=False))  # not trained on
+    check_passages_fit([passage], tokenizer, TTTConfig(ttt_max_length=32), GenerateConfig())  # split: fine
+    model = wrap_for_adapters(tiny_model, cfg)
+    with pytest.raises(DataValidationError, match="TTT job 0: training example 1"):
+        TTT(model, tokenizer, cfg).apply([EXAMPLES[0], LONG], seed=0)
+    with pytest.raises(DataValidationError, match="TTT job 1: training example 0"):
+        BatchedTTT(model, tokenizer, cfg).apply([EXAMPLES, [LONG]], [0, 1])
+    with pytest.raises(ValueError, match="ttt_overlong must be one of"):
+        TTT(model, tokenizer, TTTConfig(ttt_overlong="truncate"))
+
+
+def test_batched_and_sequential_train_on_the_same_split_sequences(tokenizer, tiny_model, monkeypatch):
+    cfg = TTTConfig(
+        ttt_lora_r=4,
+        ttt_lora_alpha=8,
+        ttt_epochs=2,
+        ttt_batch_size=2,
+        ttt_max_length=24,
+        ttt_loss="completion",
+    )
+    examples = [LONG, *EXAMPLES]
+    seen: dict[str, list] = {"sequential": [], "batched": []}
+    collate, pack = ttt_module.collate, ttt_module.pack_sequences
+
+    def spy_collate(batch, *args):
+        seen["sequential"].append(list(batch))
+        return collate(batch, *args)
+
+    def spy_pack(groups, *args):
+        (group,) = groups
+        seen["batched"].append(list(group))
+        return pack(groups, *args)
+
+    monkeypatch.setattr(ttt_module, "collate", spy_collate)
+    monkeypatch.setattr(ttt_module, "pack_sequences", spy_pack)
+    model = wrap_for_adapters(tiny_model, cfg)
+    TTT(model, tokenizer, cfg).apply(examples, seed=3)
+    BatchedTTT(model, tokenizer, cfg).apply([examples], [3])
+    assert seen["sequential"] == seen["batched"]
+    trained = [seq for step in seen["sequential"] for seq in step]
+    assert len(trained) == cfg.ttt_epochs * len(tokenize_examples(examples, tokenizer, 24, True)) > 2 * 3
+    assert all(len(ids) <= 24 for ids, _ in trained)
 
 
 def test_collate_pads_dynamically():

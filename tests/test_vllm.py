@@ -106,3 +106,35 @@ def test_loop_on_vllm_samples_round_two_from_the_updated_generator(embedded_path
 
     run_two_rounds_on_engine(VLLMGenerator, tmp_path / "run", monkeypatch, vllm_dtype="bfloat16")
     assert not list((tmp_path / "run" / "round_0" / "adapters").glob("*"))  # temporary adapters cleaned up
+
+
+def test_evaluation_serves_a_trained_generator_of_a_larger_rank_than_ttt(embedded_path, tmp_path):
+    """`seal evaluate` on vLLM samples from an update adapter of rank 64 beside TTT adapters of rank 8: the
+    engine's LoRA limit covers both (it was TTT's rank, and vLLM refused the generator)."""
+    from peft import LoraConfig, get_peft_model
+
+    from seal.evaluate import evaluate
+    from seal.models import load_model
+    from tests.test_evaluate import eval_args
+
+    generator = tmp_path / "generator"
+    update = get_peft_model(load_model(embedded_path), LoraConfig(r=64, target_modules=["q_proj", "v_proj"]))
+    update.save_pretrained(generator)
+    args = eval_args(
+        embedded_path,
+        tmp_path / "eval",
+        eval_num_passages=1,
+        eval_max_questions=1,
+        eval_conditions=["base", "trained_generator"],
+        eval_generator=str(generator),
+        eval_num_self_edits=1,
+        eval_settings=["single"],
+        eval_graders=["contains"],
+        generator_backend="vllm",
+        max_new_tokens=16,
+        ttt_lora_r=8,
+        ttt_epochs=1,
+        vllm_max_model_len=1024,
+    )
+    results = evaluate(args)
+    assert [r["key"] for r in results["tables"]["single/contains"]] == ["base", "trained_generator"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Sequence
 
 import torch
@@ -13,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seal.generate.base import Sampling, per_prompt_adapters
 from seal.multi_lora import StackedLoRA
+from seal.paths import adapter_label
 from seal.utils import autocast, autocast_dtype, frozen_linears_in, model_device
 
 STACK_PREFIX = "stack:"
@@ -43,11 +43,12 @@ class HFGenerator:
         self.stack: StackedLoRA | None = None  # stacked TTT adapters, addressed as `stack:<k>`
 
     def add_adapter(self, path: str, name: str | None = None) -> str:
-        """Load a PEFT adapter directory beside the others; returns its (fresh) name."""
+        """Load a PEFT adapter directory beside the others; returns its (fresh) name, `name` (default: the
+        directory's) made a valid PEFT adapter name by :func:`seal.paths.adapter_label`."""
         if not isinstance(self.model, PeftModel):
             raise ValueError("add_adapter needs a PeftModel (see seal.ttt.wrap_for_adapters)")
         self._loaded += 1
-        name = f"{name or os.path.basename(os.path.normpath(path))}-{self._loaded}"
+        name = f"{adapter_label(path, name)}-{self._loaded}"
         self.model.load_adapter(path, adapter_name=name)
         return name
 

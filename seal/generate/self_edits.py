@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from transformers import PreTrainedTokenizerBase
 
 from seal.config import GenerateConfig
-from seal.data import Passage
+from seal.data import DataValidationError, Passage
 from seal.generate.base import Generator, Sampling
 from seal.templates import TrainExample, build_prompt, get_template, render_chat, training_examples
 
@@ -72,3 +72,26 @@ def generate_self_edits(
     )
     completions = generator.generate(prompts, sampling, adapter=adapter)
     return [make_self_edits(p, c, cfg) for p, c in zip(passages, completions, strict=True)]
+
+
+def check_prompt_lengths(
+    passages: Sequence[Passage], tokenizer: PreTrainedTokenizerBase, cfg: GenerateConfig, max_model_len: int
+) -> None:
+    """Refuse, before any model loads, every passage whose self-edit prompt (rendered exactly as it is sampled
+    from) plus `max_new_tokens` does not fit in `max_model_len` tokens; a DataValidationError names each.
+
+    The limit is the recipe's `vllm_max_model_len` for either backend (HF too, where it stands in for the
+    model's context window), so a recipe is refused the same whichever engine serves it.
+    """
+    template = get_template(cfg)
+    problems = []
+    for p in passages:
+        prompt = render_chat(tokenizer, build_prompt(template, p), cfg.use_chat_template)
+        n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if n + cfg.max_new_tokens > max_model_len:
+            problems.append(
+                f"record {p.id}: field 'context': the self-edit prompt is {n} tokens, + max_new_tokens "
+                f"{cfg.max_new_tokens} = {n + cfg.max_new_tokens} > vllm_max_model_len={max_model_len}"
+            )
+    if problems:
+        raise DataValidationError(problems)

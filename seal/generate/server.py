@@ -21,6 +21,7 @@ from typing import Any
 
 from seal.generate.base import Sampling, per_prompt_adapters
 from seal.http import EndpointError, JSONClient, redact_url
+from seal.paths import adapter_label
 from seal.utils import task_seed
 
 logger = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ class ServerGenerator:
             raise ValueError(f"adapter_config.json in {path} is not a JSON object")
         with self._lock:
             lora_id = next(self._ids)
-        name = f"{name or os.path.basename(path)}-{self._instance}-{lora_id}"
+        name = f"{adapter_label(path, name)}-{self._instance}-{lora_id}"
         try:
             self.client.request(
                 "POST",

@@ -15,6 +15,7 @@ from itertools import count
 from transformers import PreTrainedTokenizerBase
 
 from seal.generate.base import Sampling, per_prompt_adapters
+from seal.paths import adapter_label
 from seal.utils import task_seed
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class VLLMGenerator:
         if not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise FileNotFoundError(f"Not a PEFT adapter directory (no adapter_config.json): {path}")
         lora_id = next(self._ids)
-        name = f"{name or os.path.basename(os.path.normpath(path))}-{lora_id}"
+        name = f"{adapter_label(path, name)}-{lora_id}"
         request = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=path)
         try:
             loaded = self.llm.llm_engine.add_lora(request)
