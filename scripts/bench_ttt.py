@@ -47,6 +47,7 @@ from seal.reward import QA_PROMPT, Rewarder
 from seal.stats import bootstrap_ci, paired_difference
 from seal.templates import render_chat
 from seal.ttt import (
+    IGNORE_INDEX,
     BatchedTTT,
     batch_schedule,
     parallel_adapters,
@@ -55,7 +56,7 @@ from seal.ttt import (
     ttt_lora_config,
     wrap_for_adapters,
 )
-from seal.utils import bf16_supported, task_seed, write_json
+from seal.utils import autocast, bf16_supported, task_seed, write_json
 
 REFERENCE = TTTConfig(ttt_batch_size=1, ttt_lr_scheduler="linear", ttt_max_length=128)
 
@@ -150,7 +151,13 @@ def reference(
         model = load_model(model_path)
         torch.manual_seed(seed)
         model = get_peft_model(model, ttt_lora_config(REFERENCE))
-        data = Dataset.from_list([{"prompt": x.prompt, "completion": x.completion} for x in e.examples])
+        # seal's training sequences (long examples split, not cut), tokenized: both train on the same tokens
+        data = Dataset.from_list(
+            [
+                {"input_ids": ids, "completion_mask": [int(x != IGNORE_INDEX) for x in labels]}
+                for ids, labels in tokenize_examples(e.examples, tokenizer, REFERENCE.ttt_max_length, False)
+            ]
+        )
         with tempfile.TemporaryDirectory() as tmp:
             args = SFTConfig(
                 output_dir=tmp,
@@ -160,7 +167,8 @@ def reference(
                 lr_scheduler_type="linear",
                 weight_decay=0.0,
                 max_length=REFERENCE.ttt_max_length,
-                completion_only_loss=False,  # loss on every token, as seal's ttt_loss=all
+                # loss where seal's labels are: all tokens but a split chunk's repeated context (ttt_loss=all)
+                completion_only_loss=True,
                 use_cpu=True,
                 bf16=bf16_supported(torch.device("cpu")),
                 save_strategy="no",
@@ -181,7 +189,7 @@ def reference(
                 return_tensors="pt",
                 add_special_tokens=False,
             )
-            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+            with torch.inference_mode(), autocast(torch.device("cpu")):  # the dtype seal answers in
                 out = model.generate(
                     **enc,
                     do_sample=False,
@@ -471,6 +479,8 @@ def main() -> None:
         "self_edits": len(edits),
         "questions": questions,
         "matmul_peak_gflops": peak,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "train_dtype": "bfloat16" if bf16_supported(torch.device("cpu")) else "float32",
         "base_params": n_params,
         "parallel_adapters": {k: v[0].get("parallel_adapters") for k, v in runs.items()},
         # seal same-hp's seconds before and after each reference seed set run in this invocation
@@ -485,8 +495,9 @@ def main() -> None:
         else "the reference's runs first (or reused), then seal's"
     )
     lines = [
-        f"{len(edits)} self-edits, {questions} questions; CPU matmul peak bf16 {peak['bf16']} GFLOP/s, "
-        f"fp32 {peak['fp32']} GFLOP/s; {timing}",
+        f"{len(edits)} self-edits, {questions} questions; CPU {result['cpu_capability']}, training in "
+        f"{result['train_dtype']}; matmul peak bf16 {peak['bf16']} GFLOP/s, fp32 {peak['fp32']} GFLOP/s; "
+        f"{timing}",
         "",
         "| method | batch | epochs, lr | evals/hour | speed-up | train tok/s | % bf16 peak "
         "| accuracy (95% CI) | Δ vs ref | accuracy per seed set |",
