@@ -21,7 +21,7 @@ lint:
 
 # The numerics-sensitive tests run a second time on restricted kernels (no AVX/AVX512/AMX: oneDNN SSE4.1,
 # ATen's default capability), so a tolerance that holds only on this machine's CPU fails here, on any CPU.
-NUMERICS_TESTS = tests/test_multi_lora.py tests/test_ttt.py tests/test_attention.py tests/test_losses.py
+NUMERICS_TESTS = tests/test_multi_lora.py tests/test_ttt.py tests/test_attention.py tests/test_losses.py tests/test_qlora.py
 RESTRICTED_ISA = ONEDNN_MAX_CPU_ISA=SSE41 ATEN_CPU_CAPABILITY=default
 
 test: install test-deps lint

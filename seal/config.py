@@ -13,6 +13,7 @@ from typing import Any
 
 TEMPLATES = ("implications", "rewrite", "self-qa", "custom")
 PARSERS = ("lines", "paragraphs", "qa", "whole")
+TTT_MODELS = ("generator", "base")
 
 
 @dataclass
@@ -160,6 +161,18 @@ class TTTConfig:
         default=0,
         metadata={"help": "Adapters trained together in batched mode; 0 = as many as free memory allows."},
     )
+    ttt_model: str = field(
+        default="generator",
+        metadata={
+            "help": "generator: a self-edit is applied to the model that wrote it (SEAL: round r's TTT and "
+            "baseline run on the round's generator, the update merged into the weights); base: always on "
+            "the untouched base model (a teacher-student variant)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.ttt_model not in TTT_MODELS:
+            raise ValueError(f"ttt_model must be one of {TTT_MODELS}, got '{self.ttt_model}'")
 
 
 @dataclass
@@ -199,7 +212,19 @@ class FilterConfig:
     filter_threshold: float = field(default=0.0, metadata={"help": "t for threshold."})
     filter_min_gain: float = field(default=0.0, metadata={"help": "g for gain."})
     filter_min_reward: float | None = field(
-        default=None, metadata={"help": "top_k keeps only rewards strictly above this (None: no bound)."}
+        default=0.0,
+        metadata={
+            "help": "Every strategy keeps only rewards strictly above this (ReST-EM's E-step keeps rewarded "
+            "samples only: with the default 0, a self-edit that did not beat the no-context baseline is "
+            "never trained on); None: no bound."
+        },
+    )
+    filter_beat_passage: bool = field(
+        default=False,
+        metadata={
+            "help": "Also require a self-edit's adapted accuracy to be above TTT on the passage alone (one "
+            "extra TTT per passage and repeat, journaled like the others)."
+        },
     )
 
 
@@ -216,6 +241,38 @@ class LoopConfig:
         default=None, metadata={"help": "Where embedded models are converted to (default ~/.cache/seal)."}
     )
     resume: bool = field(default=True, metadata={"help": "Continue from the run directory's journal."})
+
+
+@dataclass
+class HeldOutConfig:
+    """Held-out evaluation inside the loop (like TRL's eval_strategy): before round 0 and after every update,
+    the current generator's self-edits are applied to held-out passages and scored without context."""
+
+    heldout_datasets: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Held-out QA sets (sample, a SQuAD/SEAL-format .json/.jsonl, or a hub name), each with "
+            "passages never trained on (a context shared with the training passages is refused); empty: no "
+            "held-out evaluation."
+        },
+    )
+    heldout_split: str = field(default="eval", metadata={"help": "Split (sample data and hub datasets)."})
+    heldout_num_passages: int | None = field(
+        default=None, metadata={"help": "Use the first N passages of each held-out set."}
+    )
+    heldout_max_questions: int | None = field(
+        default=None, metadata={"help": "Questions per held-out passage (cap)."}
+    )
+    heldout_num_self_edits: int = field(
+        default=3, metadata={"help": "Self-edits sampled per held-out passage and generator."}
+    )
+    heldout_bootstrap_resamples: int = field(
+        default=10_000, metadata={"help": "Bootstrap resamples for the held-out CIs."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.heldout_num_self_edits < 1:
+            raise ValueError(f"heldout_num_self_edits must be >= 1, got {self.heldout_num_self_edits}")
 
 
 @dataclass

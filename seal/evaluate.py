@@ -28,18 +28,19 @@ from trl import ModelConfig
 from seal.config import EvalConfig, GenerateConfig, RewardConfig, TTTConfig, VLLMConfig, snapshot
 from seal.data import DataValidationError, Passage, load_passages
 from seal.generate import HFGenerator, SelfEdit, generate_self_edits, make_self_edits
-from seal.generate.engine import adapter_rank, build_engine, engine_backend
-from seal.generate.self_edits import check_prompt_lengths
+from seal.generate.engine import adapter_rank, build_engine, engine_backend, vllm_engine
+from seal.generate.self_edits import check_prompt_lengths, self_edit_data
 from seal.graders import GRADER_NAMES, Grader
 from seal.inner_loop import MODES, InnerLoop, Job
 from seal.journal import Journal
 from seal.models import load_model, load_tokenizer, quantization_config, resolve_model_path
-from seal.report import bar_chart, markdown_results
+from seal.report import bar_chart, markdown_results, markdown_timing
 from seal.reward import Rewarder, build_grader
 from seal.stats import bootstrap_ci, paired_difference
-from seal.templates import TrainExample, passage_examples
+from seal.templates import passage_examples
 from seal.ttt import check_overlong, check_passages_fit, wrap_for_adapters
-from seal.utils import read_jsonl, task_seed, write_json, write_jsonl
+from seal.utils import atomic_write, read_jsonl, setup_logging, task_seed, write_json, write_jsonl
+from seal.weights import MERGED, load_weights, merged_update
 
 logger = logging.getLogger("seal")
 
@@ -50,6 +51,11 @@ LABELS = {
     "passage": "Train on passage",
     "base_generator": "Passage + self-edits (base generator)",
     "trained_generator": "Passage + self-edits (trained generator)",
+    "trained_base": "Trained generator, no training",
+}
+TTT_ON = {  # the trained generator's row says which model its self-edits were applied to (ttt_model)
+    "generator": "Passage + self-edits (trained generator; TTT on it)",
+    "base": "Passage + self-edits (trained generator; TTT on the base)",
 }
 
 
@@ -69,15 +75,18 @@ class EvalArgs:
 
 
 def completion_files(cfg: EvalConfig) -> dict[str, str]:
-    """``label=path`` entries of eval_completions as {label: path}."""
+    """``label=path`` entries of eval_completions as {label: path}, both stripped of whitespace.
+
+    Invariant: every label is checked as it is used (stripped), so `' base=f.json'` is refused like `base`.
+    """
     out = {}
     for entry in cfg.eval_completions:
-        label, sep, path = entry.partition("=")
-        if not sep or not label.strip() or not path.strip():
+        label, sep, path = (part.strip() for part in entry.partition("="))
+        if not sep or not label or not path:
             raise ValueError(f"eval_completions entries are 'label=path', got '{entry}'")
         if label in BUILTIN_CONDITIONS or label in out:
             raise ValueError(f"eval_completions label '{label}' is already a condition")
-        out[label.strip()] = path.strip()
+        out[label] = path
     return out
 
 
@@ -105,6 +114,18 @@ def check_args(args: EvalArgs) -> list[str]:
     if args.ttt.ttt_mode not in MODES:
         raise ValueError(f"ttt_mode must be one of {MODES}, got '{args.ttt.ttt_mode}'")
     engine_backend(args.generate.generator_backend, args.model)
+    if args.ttt.ttt_model == "generator" and "trained_generator" in cfg.eval_conditions:
+        if "judge" in cfg.eval_graders and not (args.reward.judge_model or args.reward.judge_url):
+            raise ValueError(
+                "the judge grader with ttt_model: generator needs judge_model or judge_url (the base model, "
+                "the default judge, takes the trained generator's weights for its TTT runs)"
+            )
+        conditions = list(dict.fromkeys([*cfg.eval_conditions, *files]))
+        return [
+            *conditions[: conditions.index("trained_generator")],
+            "trained_base",
+            *conditions[conditions.index("trained_generator") :],
+        ]
     return list(dict.fromkeys([*cfg.eval_conditions, *files]))
 
 
@@ -143,11 +164,6 @@ def load_completions(path: str, passages: Sequence[Passage], n: int) -> dict[str
     return out
 
 
-def self_edit_examples(edit: SelfEdit, passage: Passage, gen: GenerateConfig) -> list[TrainExample]:
-    """A self-edit's TTT data; one that parsed into nothing leaves the passage alone (if included)."""
-    return edit.examples or (passage_examples(passage, gen) if gen.include_passage else [])
-
-
 def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run every condition x setting; write results.{json,md}, plots and answers; return the results."""
     cfg, gen = args.eval, args.generate
@@ -165,8 +181,12 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
         label: load_completions(path, passages, cfg.eval_num_self_edits) for label, path in files.items()
     }
     out = Path(cfg.eval_output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    setup_logging(out)  # the loop's set-up: log.txt in the output dir, and INFO lines on stderr
     journal = open_run(out, args, argv)
-    t_start = time.time()
+    keys = evaluation_keys(passages, conditions, cfg)
+    if resumed := journal.done(keys):
+        logger.info("resuming: %d of %d evaluations done", resumed, len(keys))
 
     base_path = resolve_model_path(args.model.model_name_or_path)
     tokenizer = load_tokenizer(base_path, revision=args.model.model_revision)
@@ -200,69 +220,130 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
 
     # Self-edits per condition: sampled once (saved, reused on resume) or read from files.
     edits: dict[str, dict[str, list[SelfEdit]]] = {}
+    sampled = [c for c in conditions if c in ("base_generator", "trained_generator")]
     for c in conditions:
-        if c in ("base", "passage"):
+        if c in ("base", "passage", "trained_base"):
             continue
         if c in from_files:
             edits[c] = {p.id: make_self_edits(p, from_files[c][p.id], gen) for p in passages}
         else:
-            edits[c] = sampled_self_edits(c, out, engine, tokenizer, passages, args)
+            edits[c] = sampled_self_edits(c, out, engine, tokenizer, passages, args, journal)
 
     # Base answers: once, no training.
     if journal.get("base") is None:
+        logger.info("base model: answering %d questions", sum(len(p.questions) for p in passages))
+        start = time.monotonic()
         scores = rewarder.score(passages, adapter=None)
-        journal.append(("base",), scores=[s.to_dict() for s in scores])
+        journal.append(
+            ("base",), scores=[s.to_dict() for s in scores], seconds=round(time.monotonic() - start, 3)
+        )
 
     # Every TTT of every condition and setting, in one inner-loop run (batched across conditions).
     jobs = []
     for setting in cfg.eval_settings:
         for c in conditions:
-            if c == "base":
+            if c in ("base", "trained_base"):
                 continue
             data = {
                 p.id: [passage_examples(p, gen)]
                 if c == "passage"
-                else [self_edit_examples(e, p, gen) for e in edits[c][p.id]]
+                else [self_edit_data(e, p, gen) for e in edits[c][p.id]]
                 for p in passages
             }
             if setting == "single":
                 for p in passages:
                     for i, examples in enumerate(data[p.id]):
-                        name = f"{setting}-{c}-{p.id}-{i}"
+                        name = ttt_name(setting, c, p.id, i)
                         jobs.append(Job(name, examples, [p], task_seed(cfg.eval_seed, name)))
             else:
                 examples = [x for p in passages for per_edit in data[p.id] for x in per_edit]
-                name = f"{setting}-{c}"
+                name = ttt_name(setting, c)
                 jobs.append(Job(name, examples, list(passages), task_seed(cfg.eval_seed, name)))
     pending = [j for j in jobs if journal.get("ttt", j.name) is None]
-    logger.info("%d TTT runs (%d already done)", len(jobs), len(jobs) - len(pending))
+    logger.info("TTT + answers: %d of %d runs to do", len(pending), len(jobs))
+    ttt_split = check_overlong([j.examples for j in jobs], [j.name for j in jobs], tokenizer, args.ttt)
+    # Runs train together in chunks, so a run has no time of its own: each record carries the time since
+    # the previous result, and their sum over the journal is the stage's wall time, across resumes.
+    last = [time.monotonic()]
 
     def finished(job: Job, losses: list[float], scores) -> None:
-        journal.append(("ttt", job.name), losses=losses, scores=[s.to_dict() for s in scores])
+        now = time.monotonic()
+        record = {
+            "losses": losses,
+            "scores": [s.to_dict() for s in scores],
+            "seconds": round(now - last[0], 3),
+        }
+        journal.append(("ttt", job.name), **record)
+        last[0] = now
 
-    ttt_split = check_overlong([j.examples for j in jobs], [j.name for j in jobs], tokenizer, args.ttt)
-    if pending:
-        InnerLoop(model, tokenizer, args.ttt, rewarder, out / "adapters").run(pending, finished)
+    # TTT on the base first; then (ttt_model: generator) the trained generator's self-edits on its own weights
+    on_trained = {
+        j.name for j in jobs if "trained_base" in conditions and j.name.split("-")[1] == "trained_generator"
+    }
+    first = [j for j in pending if j.name not in on_trained]
+    if first:
+        InnerLoop(model, tokenizer, args.ttt, rewarder, out / "adapters").run(first, finished)
+    if "trained_base" in conditions and (journal.get("trained_base") is None or len(first) < len(pending)):
+        path = Path(args.eval.eval_generator)
+        if (path / "adapter_config.json").is_file():
+            path = merged_update(
+                {"kind": "adapter", "path": str(path)}, base_path, args.model.dtype, out / MERGED
+            )
+        load_weights(model, path)
+        if engine is not hf:  # vLLM serves the trained weights from here on
+            engine.close()
+            engine = vllm_engine(
+                args.vllm, str(path), tokenizer, serving_rank(args, conditions), cfg.eval_seed
+            )
+        rewarder = Rewarder(engine, tokenizer, rewarder.grader, args.reward, gen.use_chat_template)
+        if journal.get("trained_base") is None:
+            start = time.monotonic()
+            scores = rewarder.score(passages, adapter=None)
+            journal.append(
+                ("trained_base",),
+                scores=[s.to_dict() for s in scores],
+                seconds=round(time.monotonic() - start, 3),
+            )
+        second = [j for j in pending if j.name in on_trained]
+        if second:
+            InnerLoop(model, tokenizer, args.ttt, rewarder, out / "adapters").run(second, finished)
     if hasattr(engine, "close"):
         engine.close()
 
     records = graded_answers(passages, conditions, journal, graders, cfg)
-    results = summarize(records, passages, conditions, cfg, time.time() - t_start)
+    results = summarize(records, passages, conditions, cfg, measured_minutes(journal, keys, sampled))
     results["ttt_split"] = ttt_split  # training examples (over all TTT runs) split into chunks
+    results["ttt_model"] = args.ttt.ttt_model
+    for rows in results["tables"].values():
+        for row in rows:
+            if row["key"] == "trained_generator":
+                row["condition"] = TTT_ON[args.ttt.ttt_model]
     write_outputs(out, results, records)
     logger.info("results in %s", out / "results.md")
     return results
 
 
 def sampled_self_edits(
-    condition: str, out: Path, engine, tokenizer, passages: Sequence[Passage], args: EvalArgs
+    condition: str,
+    out: Path,
+    engine,
+    tokenizer,
+    passages: Sequence[Passage],
+    args: EvalArgs,
+    journal: Journal | None = None,
 ) -> dict[str, list[SelfEdit]]:
-    """Self-edits sampled from the base or the trained generator; saved so a rerun reuses them."""
+    """Self-edits sampled from the base or the trained generator; saved so a rerun reuses them, and the
+    sampling's wall time journaled as ``("sampled", condition)`` (when a journal is given)."""
     path = out / f"generations_{condition}.jsonl"
     if path.exists():
         saved = [SelfEdit.from_dict(d) for d in read_jsonl(path)]
+        logger.info("%s: reusing %d sampled self-edits from %s", condition, len(saved), path)
     else:
         gen = dataclasses.replace(args.generate, num_self_edits=args.eval.eval_num_self_edits)
+        logger.info(
+            "%s: sampling %d self-edits for each of %d passages", condition, gen.num_self_edits, len(passages)
+        )
+        start = time.monotonic()
         generator, adapter = engine, None
         if condition == "trained_generator":
             generator, adapter = trained_generator(args, engine, tokenizer)
@@ -273,6 +354,8 @@ def sampled_self_edits(
             engine.remove_adapter(adapter)
         saved = [e for per in nested for e in per]
         write_jsonl(path, [e.to_dict() for e in saved])
+        if journal is not None:
+            journal.append(("sampled", condition), seconds=round(time.monotonic() - start, 3))
     grouped: dict[str, list[SelfEdit]] = {p.id: [] for p in passages}
     for e in saved:
         grouped[e.passage_id].append(e)
@@ -291,38 +374,96 @@ def trained_generator(args: EvalArgs, engine, tokenizer):
 
 
 def open_run(out: Path, args: EvalArgs, argv: Sequence[str] | None) -> Journal:
-    """The output dir's journal; a rerun with another recipe is refused unless eval_resume is false."""
+    """The output dir's journal.
+
+    Invariant: whatever an output dir holds (journal, sampled self-edits) was made with the recipe in its
+    config.yaml, so a dir with a config.yaml is resumed only with that very recipe; another one is refused,
+    unless eval_resume is false, which discards the journal and the sampled self-edits. config.yaml is
+    written atomically (whole, old or new, even after a crash mid-write).
+    """
     out.mkdir(parents=True, exist_ok=True)
     snapshot = args.to_dict()
     snapshot["eval"].pop("eval_resume", None)
     config_path, journal_path = out / "config.yaml", out / "journal.jsonl"
-    if config_path.exists() and journal_path.exists():
+    if config_path.exists():
         if not args.eval.eval_resume:
-            journal_path.unlink()
+            logger.info("eval_resume=false: discarding the previous evaluation in %s", out)
+            journal_path.unlink(missing_ok=True)
             for stale in out.glob("generations_*.jsonl"):
                 stale.unlink()
-        elif yaml.safe_load(config_path.read_text()) != snapshot:
+        elif stored_recipe(config_path) != snapshot:
             raise ValueError(
                 f"{out} holds an evaluation made with a different recipe; use another eval_output_dir, "
                 "or --eval_resume false to start over"
             )
-    config_path.write_text(yaml.safe_dump(snapshot, sort_keys=False))
+    atomic_write(config_path, lambda f: yaml.safe_dump(snapshot, f, sort_keys=False))
     if argv is not None:
-        (out / "command.txt").write_text(" ".join(argv) + "\n")
+        atomic_write(out / "command.txt", lambda f: f.write(" ".join(argv) + "\n"))
     return Journal(journal_path)
+
+
+def stored_recipe(config_path: Path) -> Any:
+    """The recipe a config.yaml holds; None when it cannot be read (then it matches no recipe)."""
+    try:
+        return yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return None
+
+
+def ttt_name(setting: str, condition: str, passage_id: str | None = None, index: int = 0) -> str:
+    """The journal name of one TTT run: per (condition, passage, self-edit) in `single`, per condition in
+    `cpt`. One function, so the jobs, the resume count and the tables name runs alike."""
+    return f"{setting}-{condition}" if setting == "cpt" else f"{setting}-{condition}-{passage_id}-{index}"
+
+
+def evaluation_keys(passages: Sequence[Passage], conditions: Sequence[str], cfg: EvalConfig) -> list[tuple]:
+    """The journal key of every evaluation the run makes: the base answers, and each TTT run (+ answers)."""
+    keys: list[tuple] = [("base",), *([("trained_base",)] if "trained_base" in conditions else [])]
+    for setting in cfg.eval_settings:
+        for c in conditions:
+            if c in ("base", "trained_base"):
+                continue
+            if setting == "cpt":
+                keys.append(("ttt", ttt_name(setting, c)))
+                continue
+            n = 1 if c == "passage" else cfg.eval_num_self_edits
+            keys += [("ttt", ttt_name(setting, c, p.id, i)) for p in passages for i in range(n)]
+    return keys
+
+
+def measured_minutes(
+    journal: Journal, keys: Sequence[tuple], sampled: Sequence[str]
+) -> dict[str, float | None]:
+    """Wall-clock minutes per stage, summed from the journal, so a resumed run keeps what earlier runs
+    measured: sampling per sampled condition, the base answers, TTT + answers (every condition and setting
+    together: they train in shared batches, so no per-condition share is measured), and their total.
+
+    None marks a stage some record of which carries no time (journaled by an older seal): not measured.
+    """
+
+    def minutes(records: list[dict[str, Any] | None]) -> float | None:
+        seconds = [r.get("seconds") if r else None for r in records]
+        return None if None in seconds else round(sum(seconds) / 60, 2)
+
+    stages = {f"sampling: {c}": minutes([journal.get("sampled", c)]) for c in sampled}
+    stages["base answers"] = minutes([journal.get("base")])
+    stages["TTT + answers"] = minutes([journal.get(*k) for k in keys if k[0] == "ttt"])
+    values = list(stages.values())
+    stages["total"] = None if None in values else round(sum(values), 2)
+    return stages
 
 
 def per_passage(
     condition: str, setting: str, passages: Sequence[Passage], journal: Journal, n_edits: int
 ) -> dict[str, list[dict[str, Any]]]:
     """{passage id: [score dicts]} for one condition and setting (one per self-edit in `single`)."""
-    if condition == "base":
-        return {r["passage_id"]: [r] for r in journal.get("base")["scores"]}
+    if condition in ("base", "trained_base"):  # no training: the base's or the trained generator's answers
+        return {r["passage_id"]: [r] for r in journal.get(condition)["scores"]}
     if setting == "cpt":
-        return {r["passage_id"]: [r] for r in journal.get("ttt", f"cpt-{condition}")["scores"]}
+        return {r["passage_id"]: [r] for r in journal.get("ttt", ttt_name(setting, condition))["scores"]}
     n = 1 if condition == "passage" else n_edits
     return {
-        p.id: [journal.get("ttt", f"single-{condition}-{p.id}-{i}")["scores"][0] for i in range(n)]
+        p.id: [journal.get("ttt", ttt_name(setting, condition, p.id, i))["scores"][0] for i in range(n)]
         for p in passages
     }
 
@@ -366,7 +507,7 @@ def summarize(
     passages: Sequence[Passage],
     conditions: list[str],
     cfg: EvalConfig,
-    seconds: float,
+    minutes: dict[str, float | None],
 ) -> dict[str, Any]:
     """Accuracy per condition (bootstrap CI over passages) and paired differences against base/passage.
 
@@ -377,7 +518,7 @@ def summarize(
     out: dict[str, Any] = {
         "passages": len(passages),
         "questions": sum(len(p.questions) for p in passages),
-        "minutes": round(seconds / 60, 1),
+        "minutes": minutes,  # measured per stage (see measured_minutes); not per condition
         "tables": {},
     }
     for setting in cfg.eval_settings:
@@ -429,5 +570,6 @@ def write_outputs(out: Path, results: dict[str, Any], records: list[dict[str, An
         )
         sections.append(markdown_results(rows, grader, title))
         bar_chart(rows, out / f"accuracy_{setting}_{grader}.png", grader, title)
+    sections.append(markdown_timing(results["minutes"]))
     (out / "results.md").write_text("\n\n".join(sections) + "\n")
     write_jsonl(out / "answers.jsonl", records)

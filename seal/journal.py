@@ -39,8 +39,8 @@ class Journal:
         for file in [base, *sorted(base.parent.glob(f"{base.stem}.rank*{base.suffix}"))]:
             if file.exists():
                 self._read(file)
-        if self.records:
-            logger.info("resuming: %d finished tasks in %s", len(self.records), base.parent)
+        if self.records:  # the caller says how many of *its* tasks these are (see `done`)
+            logger.info("journal %s: %d finished tasks found", base, len(self.records))
 
     def _read(self, file: Path) -> None:
         with open(file, encoding="utf-8", errors="replace") as f:
@@ -70,6 +70,10 @@ class Journal:
             os.fsync(f.fileno())
         self.records[tuple(key)] = record
         return record
+
+    def done(self, keys: Iterable[tuple]) -> int:
+        """How many of `keys` are journaled (finished): a resumed run's progress, e.g. 21 of 90."""
+        return sum(tuple(key) in self.records for key in keys)
 
     def merge(self, records: Iterable[dict[str, Any]]) -> None:
         """Take in records another process journaled in its own file (not written again here)."""

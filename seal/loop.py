@@ -2,12 +2,16 @@
 
 One round:
   1. generate: the generator samples `num_self_edits` self-edits per passage.
-  2. apply:    each self-edit trains a fresh LoRA on the base model (test-time training).
-  3. reward:   the adapted model answers the passage's questions without the passage; graded.
-  4. filter:   the best self-edits are kept.
+  2. apply:    each self-edit trains a fresh LoRA on the round's model θ_r (test-time training): the
+               generator itself (SEAL), or the untouched base with `ttt_model: base`.
+  3. reward:   the adapted model answers the passage's questions without the passage; graded, minus
+               θ_r's own no-context accuracy.
+  4. filter:   the best rewarded self-edits are kept (never one whose reward is not above 0).
   5. update:   the generator is fine-tuned on the kept (prompt, self-edit) pairs with TRL's SFTTrainer.
-The next round samples from the updated generator (ReST-EM). Every finished evaluation goes to a journal,
-and every stage's output to the run directory, so rerunning the same command resumes where it stopped.
+The next round samples from (and, in SEAL's setting, trains TTT adapters on) the updated generator
+(ReST-EM). With held-out sets, the generator is evaluated before round 0 and after every update
+(seal.heldout). Every finished evaluation goes to a journal, and every stage's output to the run
+directory, so rerunning the same command resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ from seal.config import (
     DataConfig,
     FilterConfig,
     GenerateConfig,
+    HeldOutConfig,
     HubConfig,
     LoopConfig,
     ReviewConfig,
@@ -43,22 +47,24 @@ from seal.config import (
     snapshot,
 )
 from seal.data import Passage, load_passages
-from seal.filter import STRATEGIES, select
+from seal.filter import STRATEGIES, passages_without_kept, select
 from seal.generate import HFGenerator, SelfEdit, generate_self_edits
 from seal.generate.engine import build_engine, engine_backend, vllm_engine
 from seal.generate.self_edits import check_prompt_lengths
 from seal.graders import GRADER_NAMES
+from seal.heldout import HeldOut, load_heldout
 from seal.hub import HUB_RESUMABLE, check_hub_args, push
 from seal.inner_loop import MODES, InnerLoop, Job
 from seal.journal import Journal
 from seal.models import load_model, load_tokenizer, quantization_config, resolve_model_path
 from seal.review import review_round
 from seal.reward import PassageScore, Rewarder, build_grader, reward
-from seal.templates import get_template
+from seal.templates import get_template, passage_examples
 from seal.tracking import RoundTracker
 from seal.ttt import check_overlong, check_passages_fit, wrap_for_adapters
 from seal.update import finished_update, update_generator
-from seal.utils import read_jsonl, task_seed, write_json, write_jsonl
+from seal.utils import atomic_write, read_jsonl, setup_logging, task_seed, write_json, write_jsonl
+from seal.weights import load_weights, merged_update
 
 logger = logging.getLogger("seal")
 
@@ -78,6 +84,7 @@ class SealArgs:
     vllm: VLLMConfig = dataclasses.field(default_factory=VLLMConfig)
     hub: HubConfig = dataclasses.field(default_factory=HubConfig)
     review: ReviewConfig = dataclasses.field(default_factory=ReviewConfig)
+    heldout: HeldOutConfig = dataclasses.field(default_factory=HeldOutConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return snapshot(self)
@@ -100,12 +107,29 @@ def check_args(args: SealArgs) -> None:
         )
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if args.ttt.ttt_model == "generator":  # the update's weights become the weights TTT runs on
+        if args.model.load_in_4bit or args.model.load_in_8bit:
+            raise ValueError(
+                "ttt_model: generator merges each update into the weights TTT trains on, which a quantized "
+                "(QLoRA) base cannot hold: use ttt_model: base"
+            )
+        if args.vllm.vllm_server_url and (args.loop.num_rounds > 1 or args.heldout.heldout_datasets):
+            raise ValueError(
+                "ttt_model: generator serves each round's new weights, which a running vLLM server cannot "
+                "switch to: use ttt_model: base, or the in-process engine"
+            )
+        if args.reward.reward_grader == "judge" and not (args.reward.judge_model or args.reward.judge_url):
+            raise ValueError(
+                "reward_grader judge with ttt_model: generator needs judge_model or judge_url (the base "
+                "model, the default judge, changes every round)"
+            )
 
 
 def setup_run_dir(args: SealArgs, main_process: bool = True) -> Path:
     """Create the run directory, snapshot the recipe, and refuse to resume a run made with another recipe.
 
-    Every process checks (so all of them stop on a changed recipe); only the main process writes.
+    Every process checks (so all of them stop on a changed recipe); only the main process writes, atomically:
+    config.yaml is always a whole recipe, the old one or the new one, even after a crash mid-write.
     """
     run_dir = Path(args.sft.output_dir)
     snapshot = args.to_dict()
@@ -135,35 +159,17 @@ def setup_run_dir(args: SealArgs, main_process: bool = True) -> Path:
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(yaml.safe_dump(snapshot, sort_keys=False))
+        atomic_write(config_path, lambda f: yaml.safe_dump(snapshot, f, sort_keys=False))  # whole or old
     return run_dir
 
 
-def setup_logging(run_dir: Path, rank: int = 0) -> None:
-    """Log to the run directory (`log.txt`; other ranks `log.rank<r>.txt`) and to stderr."""
-    logger.setLevel(logging.INFO)
-    log_file = run_dir / ("log.txt" if rank == 0 else f"log.rank{rank}.txt")
-    if not any(
-        isinstance(h, logging.FileHandler) and h.baseFilename == str(log_file) for h in logger.handlers
-    ):
-        handler = logging.FileHandler(log_file)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-    if not any(type(h) is logging.StreamHandler for h in logger.handlers):
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(
-            logging.Formatter("[seal] %(message)s" if rank == 0 else f"[seal:{rank}] %(message)s")
-        )
-        logger.addHandler(stream)
-
-
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    cols = list(rows[0])
+    """Rows as a Markdown table over the union of their keys (a key a row lacks prints as –)."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
-        lines.append(
-            "| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |"
-        )
+        cells = (r.get(c, "–") for c in cols)
+        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in cells) + " |")
     return "\n".join(lines)
 
 
@@ -187,6 +193,7 @@ def run(
         limit=args.data.num_passages,
         max_questions=args.data.max_questions_per_passage,
     )
+    heldout_sets = load_heldout(args.heldout, passages)  # validated, and refused if trained on
     run_dir = setup_run_dir(args, main)
     state.wait_for_everyone()
     setup_logging(run_dir, rank)
@@ -200,7 +207,10 @@ def run(
     with state.main_process_first():  # the embedded model is converted (once) by the main process
         base_path = resolve_model_path(args.model.model_name_or_path, args.loop.model_cache_dir)
     tokenizer = load_tokenizer(base_path, revision=args.model.model_revision)
-    check_prompt_lengths(passages, tokenizer, args.generate, args.vllm.vllm_max_model_len)  # before models
+    heldout_passages = [p for ps in heldout_sets.values() for p in ps]
+    check_prompt_lengths(  # before models
+        [*passages, *heldout_passages], tokenizer, args.generate, args.vllm.vllm_max_model_len
+    )
     check_passages_fit(passages, tokenizer, args.ttt, args.generate)  # ttt_overlong: error
     model = wrap_for_adapters(
         load_model(
@@ -227,19 +237,33 @@ def run(
     journal = Journal(run_dir / "journal.jsonl", rank=rank if world > 1 else None)
     by_id = {p.id: p for p in passages}
 
-    # Baseline: the base model answers every passage's questions without the passage (once per run).
-    if journal.get("baseline") is None:
-        record = None
-        if main:
-            scores = rewarder.score(passages, adapter=None)
-            record = journal.append(("baseline",), scores={s.passage_id: s.to_dict() for s in scores})
-        journal.merge(broadcast_object_list([record]))
-    baseline = {pid: s["accuracy"] for pid, s in journal.get("baseline")["scores"].items()}
+    def baseline(r: int) -> dict[str, float]:
+        """θ_r's no-context accuracy per passage (journaled once per round's weights; round 0: the base)."""
+        key = ("baseline",) if r == 0 or args.ttt.ttt_model == "base" else ("baseline", r)
+        if journal.get(*key) is None:
+            record = None
+            if main:
+                scores = rewarder.score(passages, adapter=None)
+                record = journal.append(key, scores={s.passage_id: s.to_dict() for s in scores})
+            journal.merge(broadcast_object_list([record]))
+        return {pid: s["accuracy"] for pid, s in journal.get(*key)["scores"].items()}
+
+    heldout = HeldOut(heldout_sets, args.heldout, args.generate, journal, run_dir, seed, args.ttt.ttt_model)
+    inner = InnerLoop(model, tokenizer, args.ttt, rewarder, run_dir / "adapters")
+
+    def evaluate_heldout(point: int) -> dict[str, Any]:
+        """The held-out evaluation of the current generator (on the main process; the others wait)."""
+        fields = None
+        if main and heldout_sets:
+            fields = heldout.evaluate(point, inner, rewarder, generator, tokenizer, adapter)
+        return (broadcast_object_list([fields])[0] if world > 1 else fields) or {}
 
     generator, adapter = engine, None  # round 0 samples from the base model itself
     summaries = []
+    before = evaluate_heldout(0)
     for r in range(args.loop.num_rounds):
         round_dir, t0 = run_dir / f"round_{r}", time.time()
+        base_acc = baseline(r)
 
         # 1. generate: k self-edits per passage (saved whole, so a rerun reuses them).
         gen_path = round_dir / "generations.jsonl"
@@ -269,7 +293,18 @@ def run(
 
         # 2-3. apply each self-edit with a fresh LoRA, then reward the adapted model (journaled one by one;
         #      in batched mode many self-edits are trained and answered together).
+        repeats = range(args.reward.reward_repeats)
+        evals = [("eval", r, e.passage_id, e.index, rep) for e in edits for rep in repeats]
+        if main and (resumed := journal.done(evals)):
+            logger.info("round %d: resuming: %d of %d evaluations done", r, resumed, len(evals))
         jobs, keys, done_here = [], {}, []
+        for p in passages if args.filter.filter_beat_passage else []:  # passage-only TTT, for the filter
+            for rep in range(args.reward.reward_repeats):
+                key = ("passage", r, p.id, rep)
+                if journal.get(*key) is None:
+                    keys[name := f"passage-{p.id}-{rep}"] = key
+                    ttt_seed = task_seed(seed, "ttt-passage", r, p.id, rep)
+                    jobs.append(Job(name, passage_examples(p, args.generate), [p], ttt_seed))
         for edit in edits:
             for rep in range(args.reward.reward_repeats):
                 key = ("eval", r, edit.passage_id, edit.index, rep)
@@ -290,24 +325,35 @@ def run(
                 jobs.append(Job(name, edit.examples, [by_id[edit.passage_id]], ttt_seed))
 
         def finished(
-            job: Job, losses: list[float], scores: list[PassageScore], keys=keys, done_here=done_here
+            job: Job,
+            losses: list[float],
+            scores: list[PassageScore],
+            keys=keys,
+            done_here=done_here,
+            base_acc=base_acc,
         ) -> None:
             key = keys[job.name]
             score = scores[0]
             record = journal.append(key, status="ok", seed=job.seed, losses=losses, **score.to_dict())
             done_here.append(record)
+            what = "passage alone" if key[0] == "passage" else f"self-edit {key[3]}"
             logger.info(
-                "round %d passage %s self-edit %d repeat %d: accuracy %.2f (base %.2f), final loss %.3f",
-                *key[1:],
-                score.accuracy,
-                baseline[score.passage_id],
-                losses[-1],
+                "round %d passage %s %s repeat %d: accuracy %.2f (no-context %.2f), final loss %.3f",
+                *(
+                    key[1],
+                    score.passage_id,
+                    what,
+                    key[-1],
+                    score.accuracy,
+                    base_acc[score.passage_id],
+                    losses[-1],
+                ),
             )
             if on_evaluation is not None:
                 on_evaluation(record)
 
         if jobs:
-            inner = InnerLoop(model, tokenizer, args.ttt, rewarder, round_dir / "adapters")
+            inner.adapter_dir = round_dir / "adapters"
             inner.run(jobs, finished, rank, world)
         if world > 1:  # every process gets every evaluation (each journaled its own in its own file)
             journal.merge(r for records in gather_object([done_here]) for r in records)
@@ -321,13 +367,19 @@ def run(
                 for rep in range(args.reward.reward_repeats)
             ]
             accs = [e["accuracy"] for e in evals]
-            base_acc = baseline[edit.passage_id]
+            no_context = base_acc[edit.passage_id]
+            alone = [
+                journal.get("passage", r, edit.passage_id, rep)["accuracy"]
+                for rep in range(args.reward.reward_repeats)
+                if args.filter.filter_beat_passage
+            ]
             rows.append(
                 {
                     **edit.to_dict(),
                     "adapted_accuracy": sum(accs) / len(accs),
-                    "base_accuracy": base_acc,
-                    "reward": reward(accs, base_acc, args.reward) if edit.status == "ok" else 0.0,
+                    "base_accuracy": no_context,
+                    "passage_accuracy": sum(alone) / len(alone) if alone else None,
+                    "reward": reward(accs, no_context, args.reward) if edit.status == "ok" else 0.0,
                     "answers": [e["answers"] for e in evals],
                     "final_loss": [e["losses"][-1] if e["losses"] else None for e in evals],
                 }
@@ -364,11 +416,23 @@ def run(
             sleeping(engine, False)
         elif not kept:
             logger.warning("round %d: no self-edit passed the filter; the generator is not updated", r)
-        if update is not None and r + 1 < args.loop.num_rounds:
-            generator, adapter = load_generator(update, engine, r, args, tokenizer)
+        if update is not None and (r + 1 < args.loop.num_rounds or heldout_sets):
+            if args.ttt.ttt_model == "generator":  # θ_{r+1}: TTT, baseline and sampling on the new weights
+                engine = adopt_weights(update, engine, hf, model, args, base_path, tokenizer, state)
+                rewarder = Rewarder(engine, tokenizer, grader, args.reward, args.generate.use_chat_template)
+                inner = InnerLoop(model, tokenizer, args.ttt, rewarder, run_dir / "adapters")
+                generator, adapter = engine, None
+            else:
+                generator, adapter = load_generator(update, engine, r, args, tokenizer)
+        after = evaluate_heldout(r + 1)
 
         summary = round_summary(r, passages, rows, kept, update, t_gen, t_eval, time.time() - t0, world)
         summary["ttt_split"] = ttt_split  # training examples longer than ttt_max_length, trained as chunks
+        summary["no_kept"] = passages_without_kept(rows, kept)  # passages the E-step gave no signal
+        summary["ttt_model"] = args.ttt.ttt_model
+        if r == 0:
+            summary.update({f"{k}_before": v for k, v in before.items()})
+        summary.update(after)
         summaries.append(summary)
         if main:
             write_json(round_dir / "summary.json", summary)
@@ -390,6 +454,20 @@ def run(
     if args.sft.push_to_hub:
         push(args)
     return summaries
+
+
+def adopt_weights(
+    update: dict[str, Any], engine, hf: HFGenerator, model, args: SealArgs, base_path: str, tokenizer, state
+):
+    """Make the updated generator's full weights the ones TTT trains on and the engine serves; returns the
+    engine (the HF one shares the TTT model; a vLLM engine is rebuilt on the merged weights)."""
+    with state.main_process_first():  # the main process merges (once); the others then find it written
+        path = merged_update(update, base_path, args.model.dtype)
+    load_weights(model, path)
+    if engine is hf:
+        return engine
+    engine.close()
+    return vllm_engine(args.vllm, str(path), tokenizer, lora_rank(args), args.sft.seed)
 
 
 def load_generator(

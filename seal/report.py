@@ -2,7 +2,11 @@
 
 A row is a dict with ``condition`` (str), ``accuracy`` (``Interval.to_dict()``: mean/low/high/n,
 fractions in ``[0, 1]``), and optionally ``delta_vs_base`` (``PairedDifference.to_dict()`` or
-None), ``passages`` and ``questions`` (ints) and ``minutes`` (float). Missing values print as ``–``.
+None), ``passages`` and ``questions`` (ints) and ``minutes`` (float). Missing values print as ``–``; the
+``minutes`` column only appears when some row has a time (a column of dashes says nothing).
+
+`seal evaluate` gives its rows no minutes: its conditions train together in shared TTT batches, so no
+condition has a wall time of its own. Its measured stage times are a table of their own (`markdown_timing`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MISSING", "bar_chart", "markdown_results"]
+__all__ = ["MISSING", "bar_chart", "markdown_results", "markdown_timing"]
 
 MISSING = "–"
 _COLUMNS = (
@@ -22,8 +26,8 @@ _COLUMNS = (
     "accuracy (95% CI)",
     "Δ vs base (95% CI)",
     "p",
-    "minutes",
 )
+_MINUTES = "minutes"
 
 
 def _as_mapping(value: Any) -> Mapping[str, Any] | None:
@@ -71,11 +75,13 @@ def _escape(text: str) -> str:
 def markdown_results(rows: list[dict], grader: str, title: str | None = None) -> str:
     """Markdown results table (accuracy in %, Δ in percentage points) under a grader header line."""
     header = f"**{_escape(title)}** — Grader: {grader}" if title else f"Grader: {grader}"
+    timed = any(row.get(_MINUTES) is not None for row in rows)
+    columns = (*_COLUMNS, _MINUTES) if timed else _COLUMNS
     lines = [
         header,
         "",
-        "| " + " | ".join(_COLUMNS) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(_COLUMNS) - 1)) + "|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|",
     ]
     for row in rows:
         delta = _as_mapping(row.get("delta_vs_base"))
@@ -86,9 +92,25 @@ def markdown_results(rows: list[dict], grader: str, title: str | None = None) ->
             _interval_cell(_as_mapping(row.get("accuracy"))),
             _interval_cell(delta, signed=True),
             _p_cell(delta),
-            _minutes_cell(row.get("minutes")),
         ]
+        if timed:
+            cells.append(_minutes_cell(row.get(_MINUTES)))
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_timing(minutes: Mapping[str, float | None]) -> str:
+    """Markdown table of measured wall-clock minutes per stage (``{stage: minutes}``, e.g. with a ``total``);
+    None prints as ``–`` with a note that the stage was not measured."""
+    lines = [
+        "**Wall time** (measured in the run, summed over resumed runs)",
+        "",
+        "| stage | minutes |",
+        "|---|---:|",
+    ]
+    lines += [f"| {_escape(stage)} | {_minutes_cell(value)} |" for stage, value in minutes.items()]
+    if any(value is None for value in minutes.values()):
+        lines += ["", f"{MISSING}: not measured (journaled by a version of seal that kept no times)."]
     return "\n".join(lines) + "\n"
 
 

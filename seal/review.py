@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from seal.config import ReviewConfig
-from seal.utils import read_jsonl, write_json
+from seal.utils import read_json, read_jsonl, write_json
 
 logger = logging.getLogger("seal")
 
@@ -352,12 +352,11 @@ def load_rows(round_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def _load_json(path: Path) -> Any:
+    """A decisions file's JSON; one that is not UTF-8 JSON is a DataValidationError naming file and line."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path)
     except FileNotFoundError:
         raise ReviewError(f"{path}: no such decisions file") from None
-    except json.JSONDecodeError as e:
-        raise ReviewError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
 
 
 def file_round(path: str | Path, data: Any = None) -> int | None:
@@ -492,7 +491,7 @@ def import_decisions(
 
 def load_review(round_dir: str | Path) -> dict[str, Any] | None:
     path = Path(round_dir) / REVIEWED
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def accepted_rows(rows: Sequence[Mapping[str, Any]], review: Mapping[str, Any]) -> list[dict[str, Any]]:

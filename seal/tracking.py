@@ -69,7 +69,7 @@ def tracker_names(report_to: str | Sequence[str] | None) -> list[str]:
 def round_metrics(summary: dict[str, Any]) -> dict[str, float]:
     """The numeric per-round metrics of a round summary, under the `seal/` prefix."""
     values = {}
-    for key in METRICS:
+    for key in [*METRICS, *(k for k in summary if k.startswith("heldout_"))]:  # + the held-out evaluation
         value = summary.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             values[PREFIX + key] = float(value) if isinstance(value, float) else int(value)
@@ -151,12 +151,17 @@ class RoundTracker:
 
 
 def plot_rounds(summaries: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Accuracy (mean adapted, best-of-k, base) and mean reward per round, side by side, as a PNG."""
+    """Accuracy (mean adapted, best-of-k, base) and mean reward per round, side by side, as a PNG; with a
+    held-out evaluation, a third panel: held-out accuracy of each generator's self-edits (x = the generator
+    version: 0 the base, r + 1 after round r)."""
     from matplotlib.figure import Figure  # no pyplot: no global state
 
     rounds = [s["round"] for s in summaries]
-    fig = Figure(figsize=(8.0, 3.4), layout="constrained")
-    acc, rew = fig.subplots(1, 2)
+    heldout = sorted(
+        {k[: -len("_acc")] for s in summaries for k in s if k.startswith("heldout_") and k.endswith("_acc")}
+    )
+    fig = Figure(figsize=(12.0 if heldout else 8.0, 3.4), layout="constrained")
+    acc, rew, *held = fig.subplots(1, 3 if heldout else 2)
     for key, label, style in (
         ("best_of_k_acc", "best-of-k", "s--"),
         ("mean_adapted_acc", "mean adapted", "o-"),
@@ -169,6 +174,17 @@ def plot_rounds(summaries: Sequence[dict[str, Any]], path: str | Path) -> Path:
     rew.plot(rounds, [s.get("mean_reward") for s in summaries], "^-", color="tab:red", label="mean reward")
     rew.axhline(0.0, color="black", linewidth=0.6)
     rew.set_title("mean reward of the self-edits")
+    for ax in held:
+        for name in heldout:
+            first = summaries[0].get(f"{name}_acc_before")
+            points = [(0, first)] if first is not None else []
+            points += [(s["round"] + 1, s[f"{name}_acc"]) for s in summaries if f"{name}_acc" in s]
+            ax.plot(*zip(*points, strict=True), "o-", label=name.removeprefix("heldout_"))
+        ax.set_title("held-out: generator's self-edits")
+        ax.set_xlabel("generator (0 = base, r+1 = after round r)")
+        ax.set_ylim(bottom=0.0)
+        ax.legend(fontsize=8, loc="best")
+        ax.grid(alpha=0.3)
     for ax in (acc, rew):
         ax.set_xlabel("round")
         ax.set_xticks(rounds)

@@ -60,6 +60,28 @@ def finished_update(out_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(marker.read_text()) if marker.is_file() else None
 
 
+def report_truncation(trainer: SFTTrainer, rows: int) -> tuple[int, int]:
+    """(cut, dropped): of the `rows` pairs given to `trainer`, how many TRL cut to `max_length` tokens and how
+    many it dropped (their prompt alone fills it), as it prepared them; logged at WARNING, once.
+
+    TTT never cuts an example silently (it splits it, or refuses it with ttt_overlong=error); a (prompt,
+    self-edit) pair cannot be split without losing its prompt, so the update trains on what TRL keeps, and
+    says so. Counted on TRL's own tokenization; a sequence of exactly `max_length` tokens counts as cut.
+    """
+    args = trainer.args
+    if args.max_length is None or args.packing:  # packing: sequences are chunked, not one per pair
+        return 0, 0
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    cut, dropped = sum(n >= args.max_length for n in lengths), rows - len(lengths)
+    if (cut or dropped) and trainer.accelerator.is_main_process:
+        logger.warning(
+            "update: %d of %d (prompt, self-edit) pairs are longer than max_length=%d tokens: %d cut to it, "
+            "%d dropped (the prompt alone fills it); raise max_length (or null) to train on them whole",
+            *(cut + dropped, rows, args.max_length, cut, dropped),
+        )
+    return cut, dropped
+
+
 def update_generator(
     base_path: str,
     kept: Sequence[dict[str, Any]],
@@ -94,6 +116,7 @@ def update_generator(
         processing_class=tokenizer,
         peft_config=update_lora_config(model_args),
     )
+    report_truncation(trainer, len(kept))
     result = trainer.train()  # under accelerate launch: TRL's distributed SFT (DDP / FSDP / DeepSpeed)
     weights = out_dir / "generator"
     kind = "adapter" if model_args.use_peft and not merge else "model"

@@ -1,17 +1,21 @@
-"""Small shared helpers: device, bf16 autocast, deterministic per-task seeds, atomic JSON writes."""
+"""Small shared helpers: device, bf16 autocast, deterministic per-task seeds, atomic writes, JSON readers."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+
+from seal.data import DataValidationError, _decode  # data.py owns the file, line and byte message
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -130,8 +134,35 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a JSON Lines file (blank lines skipped).
+
+    Invariant: a file that is not UTF-8 or holds a line that is not JSON raises a DataValidationError naming
+    the file and the line (and the byte, for UTF-8), never a bare decode error.
+    """
+    path = Path(path)
+    records = []
+    # split on "\n" only: str.splitlines() also splits on U+2028 & co, which JSON strings may hold raw
+    for lineno, line in enumerate(_decode(path).split("\n"), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataValidationError(
+                    [f"{path}: line {lineno}, column {e.colno}: not valid JSON ({e.msg})"]
+                ) from None
+    return records
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content; undecodable bytes or invalid JSON raise a DataValidationError naming the file
+    and the line (as :func:`read_jsonl`)."""
+    path = Path(path)
+    try:
+        return json.loads(_decode(path))
+    except json.JSONDecodeError as e:
+        raise DataValidationError(
+            [f"{path}: line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})"]
+        ) from None
 
 
 @contextlib.contextmanager
@@ -147,3 +178,23 @@ def attention_implementation(model: torch.nn.Module, implementation: str | None)
         yield
     finally:
         inner.set_attn_implementation(previous)
+
+
+def setup_logging(run_dir: Path, rank: int = 0) -> None:
+    """Log the `seal` logger to the run directory (`log.txt`; other ranks `log.rank<r>.txt`) and to stderr,
+    each handler once however often it is called."""
+    logger = logging.getLogger("seal")
+    logger.setLevel(logging.INFO)
+    log_file = run_dir / ("log.txt" if rank == 0 else f"log.rank{rank}.txt")
+    if not any(
+        isinstance(h, logging.FileHandler) and h.baseFilename == str(log_file) for h in logger.handlers
+    ):
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    if not any(type(h) is logging.StreamHandler for h in logger.handlers):
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(
+            logging.Formatter("[seal] %(message)s" if rank == 0 else f"[seal:{rank}] %(message)s")
+        )
+        logger.addHandler(stream)

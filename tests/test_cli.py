@@ -26,6 +26,7 @@ def test_cpu_recipe_parses_with_overrides():
         "vllm",
         "hub",
         "review",
+        "heldout",
     }
 
 
@@ -40,6 +41,14 @@ def test_gpu_recipe_mirrors_the_paper():
         args.ttt.ttt_epochs,
     ) == (32, 64, 1e-3, 10)
     assert (args.generate.num_self_edits, args.data.num_passages, args.loop.num_rounds) == (5, 50, 2)
+    assert args.ttt.ttt_model == "generator" and args.filter.filter_min_reward == 0.0  # SEAL's setting
+
+
+def test_squad_experiment_recipe_is_seals_setting():
+    args = parse_args(["--config", str(RECIPES / "smollm2-135m-squad-cpu.yaml")])
+    assert (args.generate.num_self_edits, args.data.num_passages, args.loop.num_rounds) == (5, 50, 2)
+    assert args.ttt.ttt_model == "generator" and args.filter.filter_min_reward == 0.0
+    assert len(args.heldout.heldout_datasets) == 2 and args.heldout.heldout_num_self_edits >= 3
 
 
 def test_unknown_field_and_command_are_refused(tmp_path):

@@ -1,9 +1,12 @@
 """The held-out QA evaluation harness on a tiny random model: every condition, setting and grader."""
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 from trl import ModelConfig
 
 import seal.evaluate as evaluate_module
@@ -12,6 +15,7 @@ from seal.data import DataValidationError, load_passages
 from seal.evaluate import EvalArgs, evaluate
 from seal.inner_loop import InnerLoop
 from seal.utils import read_jsonl
+from seal.weights import base_parameters
 from tests.conftest import build_tiny_model
 
 
@@ -87,7 +91,8 @@ def test_every_condition_setting_and_grader(
         eval_generator=trained_generator,
     )
     results = evaluate(args, argv=["seal", "evaluate", "--config", "x.yaml"])
-    conditions = ["base", "passage", "base_generator", "trained_generator", "from_file"]
+    # SEAL's setting (ttt_model: generator): the trained generator's own no-context row comes with it
+    conditions = ["base", "passage", "base_generator", "trained_base", "trained_generator", "from_file"]
     assert set(results["tables"]) == {
         f"{s}/{g}" for s in ("single", "cpt") for g in ("contains", "f1", "exact_match")
     }
@@ -98,10 +103,10 @@ def test_every_condition_setting_and_grader(
             assert 0.0 <= acc["low"] <= acc["mean"] <= acc["high"] <= 1.0 and acc["n"] == 2
             assert (r["delta_vs_base"] is None) == (r["key"] == "base")
             assert len(r["per_passage"]) == 2
-    # the answers behind every number, x 2 passages x 2 questions: single has base, passage and 3 conditions
-    # x 2 self-edits; cpt has one adapter per condition (all passages' self-edits in one)
+    # the answers behind every number, x 2 passages x 2 questions: single has base, trained_base, passage and
+    # 3 conditions x 2 self-edits; cpt has one adapter per condition (all passages' self-edits in one)
     answers = read_jsonl(out / "answers.jsonl")
-    assert len(answers) == ((1 + 1 + 3 * 2) + (1 + 1 + 3)) * 2 * 2
+    assert len(answers) == ((2 + 1 + 3 * 2) + (2 + 1 + 3)) * 2 * 2
     assert {"question", "gold", "answer", "contains", "f1", "exact_match"} <= set(answers[0])
     base_single = [a for a in answers if a["condition"] == "base" and a["setting"] == "single"]
     contains_row = results["tables"]["single/contains"][0]
@@ -208,3 +213,67 @@ def test_serving_rank_covers_the_trained_generators_update_adapter(tmp_path, tok
     (path / "adapter_config.json").write_text("{}")
     with pytest.raises(ValueError, match="field 'r'"):
         evaluate_module.serving_rank(args, ["trained_generator"])
+
+
+@pytest.mark.parametrize(
+    "entries, match",
+    [
+        ([" base=x.json"], "label 'base' is already a condition"),
+        (["gpt=a.json", "gpt =b.json"], "label 'gpt' is already a condition"),
+        (["  = a.json"], "label=path"),
+    ],
+)
+def test_completion_labels_are_checked_after_stripping(entries, match):
+    with pytest.raises(ValueError, match=match):
+        evaluate_module.completion_files(EvalConfig(eval_completions=entries))
+
+
+def test_completion_files_strip_labels_and_paths():
+    cfg = EvalConfig(eval_completions=[" gpt = runs/a.json ", "qwen=b.json"])
+    assert evaluate_module.completion_files(cfg) == {"gpt": "runs/a.json", "qwen": "b.json"}
+
+
+PROBE = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.mark.parametrize("ttt_model", ["generator", "base"])
+def test_trained_generator_self_edits_are_applied_to_the_trained_model(
+    tiny_model_path, tmp_path, tokenizer, monkeypatch, ttt_model
+):
+    generator = tmp_path / "generator"  # an update adapter that changes the weights (B != 0)
+    lora = LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    get_peft_model(build_tiny_model(tokenizer), lora).save_pretrained(generator)
+    seen, original = {}, InnerLoop.run
+
+    def spy(self, jobs, *args, **kwargs):
+        weight = base_parameters(self.model)[PROBE].detach().clone()
+        seen.update({j.name: weight for j in jobs})
+        return original(self, jobs, *args, **kwargs)
+
+    monkeypatch.setattr(InnerLoop, "run", spy)
+    out = tmp_path / "eval"
+    args = eval_args(
+        tiny_model_path,
+        out,
+        eval_conditions=["base", "passage", "trained_generator"],
+        eval_generator=str(generator),
+        eval_settings=["single"],
+        eval_graders=["contains"],
+        ttt_model=ttt_model,
+    )
+    results = evaluate(args)
+    base = load_file(Path(tiny_model_path) / "model.safetensors")[PROBE]
+    trained = [w for name, w in seen.items() if "-trained_generator-" in name]
+    others = [w for name, w in seen.items() if "-trained_generator-" not in name]
+    assert trained and others and all(torch.equal(w, base) for w in others)
+    rows = results["tables"]["single/contains"]
+    if ttt_model == "generator":
+        merged = load_file(out / "merged" / "model.safetensors")[PROBE]
+        assert not torch.equal(merged, base) and all(torch.equal(w, merged) for w in trained)
+        assert [r["key"] for r in rows] == ["base", "passage", "trained_base", "trained_generator"]
+        assert rows[-1]["condition"].endswith("TTT on it)")
+    else:
+        assert all(torch.equal(w, base) for w in trained)
+        assert [r["key"] for r in rows] == ["base", "passage", "trained_generator"]
+        assert rows[-1]["condition"].endswith("TTT on the base)")
+    assert results["ttt_model"] == ttt_model

@@ -29,7 +29,8 @@ def tiny_args(model_path, out_dir, **overrides) -> SealArgs:
         generate=GenerateConfig(generator_backend="hf", num_self_edits=2, max_new_tokens=12, temperature=1.0),
         ttt=TTTConfig(ttt_lora_r=4, ttt_lora_alpha=8, ttt_epochs=2, ttt_batch_size=4, ttt_max_length=64),
         reward=RewardConfig(answer_max_new_tokens=4),
-        filter=FilterConfig(filter_top_k=1),
+        # a tiny random model earns no reward: keep each passage's best self-edit anyway, so the update runs
+        filter=FilterConfig(filter_top_k=1, filter_min_reward=None),
         loop=LoopConfig(num_rounds=2),
         sft=SFTConfig(
             output_dir=str(out_dir),
@@ -77,7 +78,12 @@ def run_two_rounds_on_engine(engine_cls, out_dir, monkeypatch, **overrides) -> l
     )
     assert [s["self_edits"] for s in run(args)] == [2, 2]
     sampling_adapters = [adapter for n, adapter in calls if n == 2]  # self-edit sampling (n=num_self_edits)
-    assert sampling_adapters[0] is None and sampling_adapters[1].startswith("generator-r0")  # the update
+    assert sampling_adapters[0] is None
+    if overrides.get("ttt_model") == "base":  # round 1 samples through the update adapter on the same engine
+        assert sampling_adapters[1].startswith("generator-r0")
+    else:  # SEAL: an engine on the merged update samples round 1 (and answers on TTT adapters trained on it)
+        assert sampling_adapters[1] is None
+        assert (out_dir / "round_0" / "update" / "merged" / "model.safetensors").is_file()
     qa_adapters = []  # TTT adapters answered with: one name per call, or one per prompt (batched TTT)
     for n, adapter in calls:
         if n == 1 and adapter is not None:
@@ -135,7 +141,9 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny_model_path, tmp_path,
 
     with pytest.raises(KeyboardInterrupt):
         run(tiny_args(tiny_model_path, crashed, ttt_mode=mode), on_evaluation=crash_after_k)
-    assert len(read_jsonl(crashed / "journal.jsonl")) == 1 + k  # baseline + k evaluations
+    journaled = read_jsonl(crashed / "journal.jsonl")
+    evals = [r for r in journaled if r["key"][0] == "eval"]
+    assert len(evals) == k and len(journaled) == k + 2  # + the no-context baselines of θ_0 and θ_1
 
     trained = []
     if mode == "sequential":
@@ -150,12 +158,13 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny_model_path, tmp_path,
         )
     run(tiny_args(tiny_model_path, crashed, ttt_mode=mode))
     ok = sum(r["status"] == "ok" for rows in results(clean) for r in rows)
-    skipped_ok = sum(r["status"] == "ok" for r in read_jsonl(crashed / "journal.jsonl")[1 : 1 + k])
+    skipped_ok = sum(r["status"] == "ok" for r in evals)
     assert len(trained) == ok - skipped_ok  # the k finished evaluations were not redone
-    # Same results (a resumed batched chunk holds fewer adapters: losses may differ in the last bits)
+    # Same results (a resumed batched chunk holds fewer adapters, laid out otherwise: under ttt_autocast auto,
+    # bf16 on CPUs with bf16 kernels, its losses may differ by a bf16 rounding, 2^-8 relative)
     for got, want in zip(results(crashed), results(clean), strict=True):
         for g, w in zip(got, want, strict=True):
-            assert g.pop("final_loss") == pytest.approx(w.pop("final_loss"), rel=1e-4)
+            assert g.pop("final_loss") == pytest.approx(w.pop("final_loss"), rel=2**-8)
             assert g == w
 
 

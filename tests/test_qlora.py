@@ -60,8 +60,16 @@ def test_batched_and_sequential_ttt_learn_on_a_4bit_base(qlora_model_path, token
     ids = tokenizer("Fact:\nThe Orvel bridge", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
         loaded = PeftModel.from_pretrained(four_bit(qlora_model_path), str(path))(input_ids=ids).logits
-    torch.testing.assert_close(loaded, expected, rtol=1e-3, atol=1e-3)
+    # No float64 here (4-bit nf4 weights, bf16 compute). Yet the two forwards are one computation: the 4-bit
+    # codes and scales are a deterministic function of the same saved weights, the float32 adapter
+    # round-trips exactly through safetensors, and both run the same kernels on the same shapes in one
+    # process: bitwise equal (any bound would be a rounding allowance for a difference that cannot arise).
+    assert torch.equal(loaded, expected)
+    diff = (base.float() - expected.float()).norm() / expected.float().norm()
+    assert diff > 1e-2  # without the adapter: far outside bf16 rounding (2^-8 relative per rounding)
 
 
 def test_update_step_trains_a_qlora_adapter(qlora_model_path, tmp_path):

@@ -20,6 +20,7 @@ from selenium.webdriver.common.by import By
 from seal import loop as loop_module
 from seal.cli import main as cli_main
 from seal.config import ReviewConfig
+from seal.data import DataValidationError
 from seal.loop import run
 from seal.review import (
     ReviewError,
@@ -266,7 +267,6 @@ def decision(passage_id, index, decision, **extra) -> dict:
         ([["p1", 0, "accept"]], r"record 0: expected an object"),
         ({"round": 0}, r"field 'decisions' is missing"),
         ({"round": 3, "decisions": []}, r"field 'round': the file is for round 3, not round 0"),
-        ("{not json", r"not valid JSON"),
     ],
 )
 def test_reader_names_file_record_and_field(tmp_path, records, message):
@@ -274,6 +274,16 @@ def test_reader_names_file_record_and_field(tmp_path, records, message):
     with pytest.raises(ReviewError, match=message) as info:
         read_decisions(path, rows_fixture(), round_index=0)
     assert str(path) in str(info.value)
+
+
+def test_unreadable_decisions_file_names_file_and_line(tmp_path):
+    """Not JSON, or not UTF-8: a DataValidationError naming the file and the line, not a bare decode error."""
+    path = write_decisions(tmp_path, '{"round": 0,\n "decisions": [}')
+    with pytest.raises(DataValidationError, match=rf"{path}: line 2, column \d+: not valid JSON"):
+        read_decisions(path, rows_fixture(), round_index=0)
+    path.write_bytes(b'{"round": 0,\n "decisions": ["\xe9"]}')
+    with pytest.raises(DataValidationError, match=rf"{path}: line 2, byte 29: not valid UTF-8"):
+        read_decisions(path, rows_fixture(), round_index=0)
 
 
 def test_import_defaults_to_the_filter_and_is_final(tmp_path):

@@ -2,7 +2,7 @@ import pytest
 
 from seal.config import FilterConfig, RewardConfig
 from seal.data import QA, Passage
-from seal.filter import select
+from seal.filter import passages_without_kept, select
 from seal.graders import make_grader
 from seal.reward import QA_PROMPT, Rewarder, build_grader, reward
 
@@ -80,7 +80,10 @@ def keys(rows):
 
 
 def test_filter_strategies():
-    assert keys(select(ROWS, FilterConfig(filter_top_k=1))) == [("a", 1), ("b", 0)]  # tie -> lower index
+    # the E-step default keeps rewarded samples only: b's best (-0.1) is not kept
+    assert keys(select(ROWS, FilterConfig(filter_top_k=1))) == [("a", 1)]  # tie -> lower index
+    unbounded = FilterConfig(filter_top_k=1, filter_min_reward=None)
+    assert keys(select(ROWS, unbounded)) == [("a", 1), ("b", 0)]
     assert keys(select(ROWS, FilterConfig(filter_top_k=2, filter_min_reward=0.0))) == [("a", 1), ("a", 2)]
     assert keys(select(ROWS, FilterConfig(filter_strategy="threshold", filter_threshold=0.2))) == [
         ("a", 0),
@@ -95,3 +98,24 @@ def test_filter_strategies():
         select(ROWS, FilterConfig(filter_strategy="best"))
     with pytest.raises(ValueError, match="filter_top_k"):
         select(ROWS, FilterConfig(filter_top_k=0))
+
+
+def test_unrewarded_samples_are_never_kept_by_any_strategy():
+    zero = [row("a", 0, 0.0, adapted=0.3, base=0.3), row("a", 1, 0.0, adapted=0.3, base=0.3)]
+    assert select(zero, FilterConfig()) == []  # top_k: a passage whose self-edits all scored 0 keeps none
+    assert select(zero, FilterConfig(filter_strategy="threshold", filter_threshold=0.0)) == []
+    assert select(zero, FilterConfig(filter_strategy="gain", filter_min_gain=-1.0)) == []
+    assert passages_without_kept(zero, []) == 1
+    assert passages_without_kept(ROWS, select(ROWS, FilterConfig())) == 1  # b
+
+
+def test_filter_beat_passage_keeps_only_self_edits_above_passage_only_ttt():
+    rows = [
+        {**row("a", 0, 0.5, adapted=0.8, base=0.3), "passage_accuracy": 0.8},  # ties passage-only: out
+        {**row("a", 1, 0.4, adapted=0.7, base=0.3), "passage_accuracy": 0.6},
+        {**row("b", 0, 0.2, adapted=0.5, base=0.3), "passage_accuracy": 0.9},
+    ]
+    cfg = FilterConfig(filter_beat_passage=True)
+    assert keys(select(rows, cfg)) == [("a", 1)]
+    with pytest.raises(ValueError, match="passage_accuracy"):
+        select(ROWS, cfg)

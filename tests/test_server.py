@@ -629,4 +629,6 @@ def test_loop_through_a_real_vllm_server(vllm_server: str, tmp_path: Path, monke
     """Server mode end to end: TTT adapters and the ReST-EM generator adapter go through dynamic loading."""
     from tests.test_loop import run_two_rounds_on_engine
 
-    run_two_rounds_on_engine(ServerGenerator, tmp_path / "run", monkeypatch, vllm_server_url=vllm_server)
+    run_two_rounds_on_engine(
+        ServerGenerator, tmp_path / "run", monkeypatch, vllm_server_url=vllm_server, ttt_model="base"
+    )

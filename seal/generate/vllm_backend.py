@@ -6,12 +6,14 @@ our tokenizer (no special tokens added), so the HF and vLLM backends see exactly
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import count
 
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from seal.generate.base import Sampling, per_prompt_adapters
@@ -54,6 +56,9 @@ def _cpu_defaults() -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache; plenty for short prompts
 
 
+LORA_IDS = count(1)  # LoRA ids (and names) unique across every engine of the process
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """What `vllm.LLM` is built with (derived from the recipe by the loop)."""
@@ -72,9 +77,13 @@ class EngineSettings:
 
 
 class VLLMGenerator:
-    """Samples with a vLLM engine; adapters are PEFT directories registered under fresh names."""
+    """Samples with a vLLM engine; adapters are PEFT directories registered under fresh names.
 
-    def __init__(self, settings: EngineSettings, tokenizer: PreTrainedTokenizerBase):
+    `progress`: every `generate` call shows vLLM's own bar of finished completions (``use_tqdm``), made with
+    tqdm.auto and cleared when done, like the HF backend's bar.
+    """
+
+    def __init__(self, settings: EngineSettings, tokenizer: PreTrainedTokenizerBase, progress: bool = True):
         _cpu_defaults()
         import torch
         from vllm import LLM
@@ -87,6 +96,7 @@ class VLLMGenerator:
             extra["max_num_batched_tokens"] = max(settings.max_model_len, 8192)
         self.settings = settings
         self.tokenizer = tokenizer
+        self.progress = progress
         self.llm = LLM(
             model=settings.model,
             tokenizer=settings.model,
@@ -101,11 +111,11 @@ class VLLMGenerator:
             trust_remote_code=False,
             **extra,
         )
-        self._ids = count(1)
         self._adapters: dict[str, object] = {}
 
     def add_adapter(self, path: str, name: str | None = None) -> str:
-        """Register a PEFT adapter directory; returns a name never used before in this engine.
+        """Register a PEFT adapter directory; returns a name never used before in this process (not even by an
+        earlier engine: the loop rebuilds its engine on each round's weights in SEAL's setting).
 
         A fresh name and integer id per adapter *version* matter: vLLM caches adapters (and prefixes) by id,
         so reusing one for new weights could serve stale results.
@@ -114,7 +124,7 @@ class VLLMGenerator:
 
         if not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise FileNotFoundError(f"Not a PEFT adapter directory (no adapter_config.json): {path}")
-        lora_id = next(self._ids)
+        lora_id = next(LORA_IDS)
         name = f"{adapter_label(path, name)}-{lora_id}"
         request = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=path)
         try:
@@ -170,7 +180,10 @@ class VLLMGenerator:
             for i in range(len(prompts))
         ]
         outputs = self.llm.generate(
-            inputs, params, lora_request=[self._lora(a) for a in adapters], use_tqdm=False
+            inputs,
+            params,
+            lora_request=[self._lora(a) for a in adapters],
+            use_tqdm=functools.partial(tqdm, leave=False) if self.progress else False,
         )
         return [[c.text for c in out.outputs] for out in outputs]
 
