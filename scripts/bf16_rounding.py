@@ -512,22 +512,31 @@ def wide_attention(
     return out.view(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
 
 
-def record_attention(
-    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs
-):  # noqa: ANN002, ANN003, ANN201
-    """SDPA, keeping each layer's q, k, v and (in backward) the gradient of its output."""
-    slot: list = [query.detach(), key.detach(), value.detach(), None]
-    _recorded.append(slot)
-    out, weights = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, *args, **kwargs)
-    if out.requires_grad:
-        out.register_hook(lambda grad: slot.__setitem__(3, grad.detach()))
-    return out, weights
+def recording(implementation: str) -> Callable:
+    """The attention `implementation`, keeping each layer's q, k, v and (in backward) the gradient of its
+    output in ``_recorded``."""
+
+    def record_attention(
+        module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs
+    ):  # noqa: ANN002, ANN003, ANN202
+        slot: list = [query.detach(), key.detach(), value.detach(), None]
+        _recorded.append(slot)
+        out, weights = ALL_ATTENTION_FUNCTIONS[implementation](module, query, key, value, *args, **kwargs)
+        if out.requires_grad:
+            out.register_hook(lambda grad: slot.__setitem__(3, grad.detach()))
+        return out, weights
+
+    return record_attention
+
+
+RECORD_PACKED = "bf16_rounding_record_packed"
 
 
 AttentionInterface.register(FP32_SCORES, wide_attention)
 AttentionInterface.register(FP32_ATTENTION, partial(wide_attention, scores_only=False))
-AttentionInterface.register(RECORD, record_attention)
-for _name in (FP32_SCORES, FP32_ATTENTION, RECORD):
+AttentionInterface.register(RECORD, recording("sdpa"))
+AttentionInterface.register(RECORD_PACKED, recording(seal.attention.PACKED_ATTENTION))
+for _name in (FP32_SCORES, FP32_ATTENTION, RECORD, RECORD_PACKED):
     ALL_MASK_ATTENTION_FUNCTIONS.register(_name, sdpa_mask)
 
 
@@ -605,6 +614,48 @@ def attention_kernels(peft_model, batches: Sequence[dict[str, torch.Tensor]]) ->
                     norm = sum(float(truth[i][j].pow(2).sum()) for i in rows)
                     key = label if j == 0 else f"{label} ({which})"
                     errors[key + part] = math.sqrt(diff / norm)
+    return result
+
+
+def attention_output_gradients(peft_model, batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, dict]:  # noqa: ANN001
+    """In the whole model at init (adapters off, B = 0), the relative error of the gradient of every layer's
+    attention output (the residual-stream gradient that reaches it) in bf16 vs float64, per attention
+    kernel: per adapter's first batch, layers 0, 1, 2 and all layers."""
+
+    def gradients(dtype: str, implementation: str, math_backend: bool, batch: dict) -> list[torch.Tensor]:
+        _recorded.clear()
+        inner = peft_model.get_base_model()
+        with (
+            precision(peft_model, dtype),
+            peft_model.disable_adapter(),
+            seal.ttt.attention_implementation(peft_model, implementation),
+            sdpa_backend(math_backend),
+            autocast_for(dtype),
+        ):
+            embeds = inner.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_()
+            logits = peft_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+            lm_loss(logits, batch["labels"]).backward()
+        out = [slot[3].double() for slot in _recorded]
+        _recorded.clear()
+        return out
+
+    variants = {
+        "sdpa flash (the reference's)": (RECORD, False),
+        "sdpa math backend": (RECORD, True),
+        "seal_packed (seal's)": (RECORD_PACKED, False),
+    }
+    result: dict[str, dict] = {
+        name: {"layer_0": [], "layer_1": [], "layer_2": [], "all": []} for name in variants
+    }
+    for batch in batches:
+        truth = gradients("float64", RECORD, False, batch)
+        for name, (implementation, math_backend) in variants.items():
+            grads = gradients("bfloat16", implementation, math_backend, batch)
+            errors = [float((g - t).norm() / t.norm()) for g, t in zip(grads, truth, strict=True)]
+            for i in range(3):
+                result[name][f"layer_{i}"].append(errors[i])
+            total = sum(float((g - t).pow(2).sum()) for g, t in zip(grads, truth, strict=True))
+            result[name]["all"].append(math.sqrt(total / sum(float(t.pow(2).sum()) for t in truth)))
     return result
 
 
@@ -810,6 +861,17 @@ def markdown(result: dict) -> list[str]:
         lines.append(
             f"| {name} | {fmt(e['output'])} | {real} | {noise} | {fmt(e['output, layers 0-2'])} | {early} |"
         )
+    lines += [
+        "",
+        "In the whole model at init (B = 0), the error of the gradient reaching each layer's attention "
+        "output (bf16 vs float64), per adapter's first batch:",
+        "",
+        "| kernel | layer 0 | layer 1 | layer 2 | all layers |",
+        "|---|---|---|---|---|",
+    ]
+    for name, e in result["attention_output_gradients"].items():
+        cells = [", ".join(f"{x:.3f}" for x in e[key]) for key in ("layer_0", "layer_1", "layer_2", "all")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     s = result["statistics"]
     lines += [
         "",
@@ -1066,6 +1128,7 @@ def main() -> None:
         "pairs": pair_out,
         "gradients": gradients,
         "attention_kernels": attention_kernels(peft_model, first_batches),
+        "attention_output_gradients": attention_output_gradients(peft_model, first_batches),
         "statistics": statistics(Path(args.results)),
     }
     write_json(out / "bf16_rounding.json", result)
