@@ -58,6 +58,11 @@ class DataValidationError(ValueError):
         super().__init__(f"{len(problems)} problem(s) in the passage data:\n  {shown}{more}")
 
 
+def context_key(text: str) -> str:
+    """A passage's context with whitespace normalised: two records hold the same passage when these match."""
+    return " ".join(text.split())
+
+
 def _nonempty_str(value: Any) -> bool:
     return isinstance(value, str) and value.strip() != ""
 

@@ -26,9 +26,9 @@ from accelerate import PartialState
 from trl import ModelConfig
 
 from seal.config import EvalConfig, GenerateConfig, RewardConfig, TTTConfig, VLLMConfig, snapshot
-from seal.data import DataValidationError, Passage, load_passages
+from seal.data import DataValidationError, Passage, context_key, load_passages
 from seal.generate import HFGenerator, SelfEdit, generate_self_edits, make_self_edits
-from seal.generate.engine import adapter_rank, build_engine, engine_backend, vllm_engine
+from seal.generate.engine import adapter_rank, build_engine, engine_backend
 from seal.generate.self_edits import check_prompt_lengths, self_edit_data
 from seal.graders import GRADER_NAMES, Grader
 from seal.inner_loop import MODES, InnerLoop, Job
@@ -40,7 +40,7 @@ from seal.stats import bootstrap_ci, paired_difference
 from seal.templates import passage_examples
 from seal.ttt import check_overlong, check_passages_fit, wrap_for_adapters
 from seal.utils import atomic_write, read_jsonl, setup_logging, task_seed, write_json, write_jsonl
-from seal.weights import MERGED, load_weights, merged_update
+from seal.weights import MERGED, adopt_weights, merged_update
 
 logger = logging.getLogger("seal")
 
@@ -146,10 +146,10 @@ def serving_rank(args: EvalArgs, conditions: Sequence[str]) -> int:
 def load_completions(path: str, passages: Sequence[Passage], n: int) -> dict[str, list[str]]:
     """The first `n` completions of each evaluated passage from a SEAL-format file, matched by context."""
     records = load_passages(path, limit=None)  # validated: names file, record and field on error
-    by_context = {" ".join(p.context.split()): p for p in records}
+    by_context = {context_key(p.context): p for p in records}
     out, problems = {}, []
     for p in passages:
-        match = by_context.get(" ".join(p.context.split()))
+        match = by_context.get(context_key(p.context))
         if match is None:
             problems.append(f"{path}: no record has the context of passage '{p.id}' ({p.title!r})")
         elif len(match.completions) < n:
@@ -239,7 +239,7 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
         )
 
     # Every TTT of every condition and setting, in one inner-loop run (batched across conditions).
-    jobs = []
+    jobs, on_trained = [], set()  # on_trained: the trained generator's runs (TTT on it in SEAL's setting)
     for setting in cfg.eval_settings:
         for c in conditions:
             if c in ("base", "trained_base"):
@@ -250,6 +250,7 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
                 else [self_edit_data(e, p, gen) for e in edits[c][p.id]]
                 for p in passages
             }
+            n_before = len(jobs)
             if setting == "single":
                 for p in passages:
                     for i, examples in enumerate(data[p.id]):
@@ -259,6 +260,8 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
                 examples = [x for p in passages for per_edit in data[p.id] for x in per_edit]
                 name = ttt_name(setting, c)
                 jobs.append(Job(name, examples, list(passages), task_seed(cfg.eval_seed, name)))
+            if c == "trained_generator" and "trained_base" in conditions:
+                on_trained.update(j.name for j in jobs[n_before:])
     pending = [j for j in jobs if journal.get("ttt", j.name) is None]
     logger.info("TTT + answers: %d of %d runs to do", len(pending), len(jobs))
     ttt_split = check_overlong([j.examples for j in jobs], [j.name for j in jobs], tokenizer, args.ttt)
@@ -277,9 +280,6 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
         last[0] = now
 
     # TTT on the base first; then (ttt_model: generator) the trained generator's self-edits on its own weights
-    on_trained = {
-        j.name for j in jobs if "trained_base" in conditions and j.name.split("-")[1] == "trained_generator"
-    }
     first = [j for j in pending if j.name not in on_trained]
     if first:
         InnerLoop(model, tokenizer, args.ttt, rewarder, out / "adapters").run(first, finished)
@@ -289,12 +289,9 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
             path = merged_update(
                 {"kind": "adapter", "path": str(path)}, base_path, args.model.dtype, out / MERGED
             )
-        load_weights(model, path)
-        if engine is not hf:  # vLLM serves the trained weights from here on
-            engine.close()
-            engine = vllm_engine(
-                args.vllm, str(path), tokenizer, serving_rank(args, conditions), cfg.eval_seed
-            )
+        engine = adopt_weights(
+            path, model, engine, hf, args.vllm, tokenizer, serving_rank(args, conditions), cfg.eval_seed
+        )
         rewarder = Rewarder(engine, tokenizer, rewarder.grader, args.reward, gen.use_chat_template)
         if journal.get("trained_base") is None:
             start = time.monotonic()

@@ -16,10 +16,11 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 from seal.config import GenerateConfig, HeldOutConfig
-from seal.data import DataValidationError, Passage, load_passages
+from seal.data import DataValidationError, Passage, context_key, load_passages
 from seal.generate import SelfEdit, generate_self_edits
 from seal.generate.self_edits import self_edit_data
 from seal.inner_loop import InnerLoop, Job
@@ -35,14 +36,10 @@ logger = logging.getLogger("seal")
 DIR = "heldout"  # <run>/heldout/: generations per set and point, results.{json,md}
 
 
-def normalized(text: str) -> str:
-    return " ".join(text.split())
-
-
 def load_heldout(cfg: HeldOutConfig, train: Sequence[Passage]) -> dict[str, list[Passage]]:
     """{set name: passages} of every held-out set, validated; a held-out passage whose context is also a
     training passage's is refused (DataValidationError naming both records) before any model loads."""
-    seen = {normalized(p.context): p.id for p in train}
+    seen = {context_key(p.context): p.id for p in train}
     sets, problems = {}, []
     for name in cfg.heldout_datasets:
         if name in sets:
@@ -51,10 +48,10 @@ def load_heldout(cfg: HeldOutConfig, train: Sequence[Passage]) -> dict[str, list
             name, cfg.heldout_split, limit=cfg.heldout_num_passages, max_questions=cfg.heldout_max_questions
         )
         for p in passages:
-            if normalized(p.context) in seen:
+            if context_key(p.context) in seen:
                 problems.append(
                     f"{name}: record (id={p.id}): field 'context': also the training passage "
-                    f"'{seen[normalized(p.context)]}': held-out passages must never be trained on"
+                    f"'{seen[context_key(p.context)]}': held-out passages must never be trained on"
                 )
         sets[name] = passages
     if problems:
@@ -153,9 +150,6 @@ class HeldOut:
         """Per-passage accuracies of a set for each row of its table (None: not evaluated yet)."""
         passages = self.sets[name]
 
-        def mean(values: Sequence[float]) -> float:
-            return sum(values) / len(values)
-
         def entry(*key: Any) -> dict[str, Any] | None:
             return self.journal.get("heldout", name, *key)
 
@@ -170,7 +164,7 @@ class HeldOut:
             ]
             done = all(all(per) for per in runs)
             out[f"generator_{q}"] = (
-                [mean([e["scores"][0]["accuracy"] for e in per]) for per in runs] if done else None
+                [fmean(e["scores"][0]["accuracy"] for e in per) for per in runs] if done else None
             )
             own = entry("nocontext", q) if q > 0 else None
             if own is not None:

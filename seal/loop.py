@@ -64,7 +64,7 @@ from seal.tracking import RoundTracker
 from seal.ttt import check_overlong, check_passages_fit, wrap_for_adapters
 from seal.update import finished_update, update_generator
 from seal.utils import atomic_write, read_jsonl, setup_logging, task_seed, write_json, write_jsonl
-from seal.weights import load_weights, merged_update
+from seal.weights import adopt_weights, merged_update
 
 logger = logging.getLogger("seal")
 
@@ -299,7 +299,7 @@ def run(
             logger.info("round %d: resuming: %d of %d evaluations done", r, resumed, len(evals))
         jobs, keys, done_here = [], {}, []
         for p in passages if args.filter.filter_beat_passage else []:  # passage-only TTT, for the filter
-            for rep in range(args.reward.reward_repeats):
+            for rep in repeats:
                 key = ("passage", r, p.id, rep)
                 if journal.get(*key) is None:
                     keys[name := f"passage-{p.id}-{rep}"] = key
@@ -418,7 +418,11 @@ def run(
             logger.warning("round %d: no self-edit passed the filter; the generator is not updated", r)
         if update is not None and (r + 1 < args.loop.num_rounds or heldout_sets):
             if args.ttt.ttt_model == "generator":  # θ_{r+1}: TTT, baseline and sampling on the new weights
-                engine = adopt_weights(update, engine, hf, model, args, base_path, tokenizer, state)
+                with state.main_process_first():  # the main process merges (once); the others find it
+                    path = merged_update(update, base_path, args.model.dtype)
+                engine = adopt_weights(
+                    path, model, engine, hf, args.vllm, tokenizer, lora_rank(args), args.sft.seed
+                )
                 rewarder = Rewarder(engine, tokenizer, grader, args.reward, args.generate.use_chat_template)
                 inner = InnerLoop(model, tokenizer, args.ttt, rewarder, run_dir / "adapters")
                 generator, adapter = engine, None
@@ -454,20 +458,6 @@ def run(
     if args.sft.push_to_hub:
         push(args)
     return summaries
-
-
-def adopt_weights(
-    update: dict[str, Any], engine, hf: HFGenerator, model, args: SealArgs, base_path: str, tokenizer, state
-):
-    """Make the updated generator's full weights the ones TTT trains on and the engine serves; returns the
-    engine (the HF one shares the TTT model; a vLLM engine is rebuilt on the merged weights)."""
-    with state.main_process_first():  # the main process merges (once); the others then find it written
-        path = merged_update(update, base_path, args.model.dtype)
-    load_weights(model, path)
-    if engine is hf:
-        return engine
-    engine.close()
-    return vllm_engine(args.vllm, str(path), tokenizer, lora_rank(args), args.sft.seed)
 
 
 def load_generator(

@@ -17,6 +17,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from seal.generate.engine import vllm_engine
 from seal.models import load_model, load_tokenizer
 from seal.utils import write_json
 
@@ -80,3 +81,16 @@ def load_weights(model: PeftModel, path: str | Path) -> None:
                     f"{name} is quantized ({p.dtype}): ttt_model=generator needs a full-precision base"
                 )
             p.copy_(state[name].to(p.dtype))
+
+
+def adopt_weights(
+    path: str | Path, model: PeftModel, engine, hf, vllm, tokenizer, max_lora_rank: int, seed: int
+):
+    """Make the full weights in `path` the ones TTT trains on (:func:`load_weights`) and the engine serves;
+    returns that engine: `hf` itself when it is the engine (it generates with the TTT model), else a vLLM
+    engine rebuilt on `path` (the old one closed)."""
+    load_weights(model, path)
+    if engine is hf:
+        return engine
+    engine.close()
+    return vllm_engine(vllm, str(path), tokenizer, max_lora_rank, seed)
