@@ -21,6 +21,7 @@ from typing import Any
 
 from seal.config import GenerateConfig, HeldOutConfig
 from seal.data import DataValidationError, Passage, context_key, load_passages
+from seal.describe import describe_rows
 from seal.generate import SelfEdit, generate_self_edits
 from seal.generate.self_edits import self_edit_data
 from seal.inner_loop import InnerLoop, Job
@@ -171,6 +172,16 @@ class HeldOut:
                 out[f"nocontext_{q}"] = [s["accuracy"] for s in own["scores"]]
         return out
 
+    def described(self, name: str, point: int) -> dict[str, dict[str, Any]]:
+        """`describe_rows` of each generator's saved self-edits for one set, by table key."""
+        by_id = {p.id: p for p in self.sets[name]}
+        out = {}
+        for q in range(point + 1):
+            path = self.dir / safe_name(name) / f"generations_{q}.jsonl"
+            if path.exists():
+                out[f"generator_{q}"] = describe_rows(read_jsonl(path), by_id)
+        return out
+
     def table(self, name: str, point: int) -> list[dict[str, Any]]:
         """The rows of a set's table up to `point`, with CIs and paired differences."""
         acc = self.accuracies(name, point)
@@ -215,13 +226,18 @@ class HeldOut:
     def summary(self, point: int) -> dict[str, Any]:
         """Write <run>/heldout/results.{json,md}; return the point's fields for the round summary."""
         tables = {name: self.table(name, point) for name in self.sets}
-        write_json(self.dir / "results.json", {"point": point, "ttt_model": self.ttt_model, "tables": tables})
+        described = {name: self.described(name, point) for name in self.sets}
+        write_json(
+            self.dir / "results.json",
+            {"point": point, "ttt_model": self.ttt_model, "tables": tables, "self_edits": described},
+        )
         sections = []
         for name, rows in tables.items():
             questions = sum(len(p.questions) for p in self.sets[name])
             sections.append(
                 markdown_table(rows, f"{name}: {len(self.sets[name])} passages, {questions} questions")
             )
+            sections.append(markdown_described(described[name]))
         (self.dir / "results.md").write_text("\n\n".join(sections) + "\n")
         fields: dict[str, Any] = {}
         for name, rows in tables.items():
@@ -255,5 +271,24 @@ def markdown_table(rows: list[dict[str, Any]], title: str) -> str:
         lines.append(
             f"| {r['condition']} | {r['ttt_on']} | {points(r['accuracy'])} "
             f"| {points(r['delta_vs_base_generator'], True)} | {points(r['delta_vs_passage'], True)} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown_described(described: dict[str, dict[str, Any]]) -> str:
+    """What each generator's held-out self-edits are made of (seal.describe)."""
+    lines = [
+        "| self-edits of | parsed | words | sentences copied from the passage | content words not in it |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, d in described.items():
+        q = int(key.rsplit("_", 1)[1])
+        who = "the base generator" if q == 0 else f"the generator after round {q - 1}"
+        if not d["described"]:
+            lines.append(f"| {who} | 0 | – | – | – |")
+            continue
+        lines.append(
+            f"| {who} | {d['described']} | {d['edit_words']:.0f} | {100 * d['edit_copied']:.1f}% "
+            f"| {100 * d['edit_novel']:.1f}% |"
         )
     return "\n".join(lines)

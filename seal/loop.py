@@ -47,6 +47,7 @@ from seal.config import (
     snapshot,
 )
 from seal.data import Passage, load_passages
+from seal.describe import describe_rows
 from seal.filter import STRATEGIES, passages_without_kept, select
 from seal.generate import HFGenerator, SelfEdit, generate_self_edits
 from seal.generate.engine import build_engine, engine_backend, vllm_engine
@@ -434,6 +435,7 @@ def run(
         summary["ttt_split"] = ttt_split  # training examples longer than ttt_max_length, trained as chunks
         summary["no_kept"] = passages_without_kept(rows, kept)  # passages the E-step gave no signal
         summary["ttt_model"] = args.ttt.ttt_model
+        summary.update(describe_rows(rows, by_id))  # length, copying, novel words of the parsed self-edits
         if r == 0:
             summary.update({f"{k}_before": v for k, v in before.items()})
         summary.update(after)

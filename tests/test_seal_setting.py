@@ -98,6 +98,15 @@ def test_heldout_evaluation_every_round_and_resume(tiny_model_path, tmp_path, mo
     assert all("heldout_sample_acc" in s and "heldout_sample_vs_base_gen" in s for s in summaries)
     assert "Passage + self-edits (generator after round 1)" in (clean / "heldout" / "results.md").read_text()
     assert (clean / "rounds.png").stat().st_size > 0
+    described = results["self_edits"]["sample"]  # what each point's generator wrote (seal.describe)
+    assert list(described) == ["generator_0", "generator_1", "generator_2"]
+    for q, d in enumerate(described.values()):
+        (saved,) = (clean / "heldout").glob(f"*/generations_{q}.jsonl")
+        assert d["described"] == sum(
+            e["status"] == "ok" and bool(e["completion"].strip()) for e in read_jsonl(saved)
+        )
+    assert "content words not in it" in (clean / "heldout" / "results.md").read_text()
+    assert all({"edit_words", "edit_copied", "edit_novel"} <= s.keys() for s in summaries)
 
     # A crash in the middle of the evaluation after round 0's update; the rerun redoes none of its TTTs.
     crashed, original, appended = tmp_path / "crashed", Journal.append, []
