@@ -15,7 +15,7 @@ from pathlib import Path
 
 from seal.config import GenerateConfig
 from seal.data import load_passages
-from seal.generate import HFGenerator, Sampling
+from seal.generate import HFEngine, Sampling
 from seal.models import load_model, load_tokenizer, resolve_model_path
 from seal.templates import build_prompt, get_template, render_chat
 
@@ -57,15 +57,15 @@ def main() -> None:
     )
     batch = len(prompts) * args.num_self_edits
 
-    hf = HFGenerator(load_model(path, dtype=args.dtype), tokenizer, batch_size=batch, autocast_setting="none")
+    hf = HFEngine(load_model(path, dtype=args.dtype), tokenizer, batch_size=batch, autocast_setting="none")
     results = {"hf": timed(hf, prompts, sampling, tokenizer)}
     del hf
     gc.collect()
 
-    from seal.generate.vllm_backend import EngineSettings, VLLMGenerator
+    from seal.generate.vllm_backend import EngineSettings, VLLMEngine
 
     settings = EngineSettings(model=path, max_lora_rank=8, max_loras=1, max_model_len=2048, dtype=args.dtype)
-    results["vllm"] = timed(VLLMGenerator(settings, tokenizer), prompts, sampling, tokenizer)
+    results["vllm"] = timed(VLLMEngine(settings, tokenizer), prompts, sampling, tokenizer)
     results["ratio_vllm_over_hf"] = round(results["vllm"]["tokens_per_s"] / results["hf"]["tokens_per_s"], 2)
     results["setup"] = {
         "prompts": len(prompts),

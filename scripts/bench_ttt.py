@@ -39,7 +39,7 @@ from trl import SFTConfig, SFTTrainer
 
 from seal.config import GenerateConfig, RewardConfig, TTTConfig
 from seal.data import load_passages
-from seal.generate import HFGenerator, SelfEdit, generate_self_edits
+from seal.generate import HFEngine, SelfEdit, generate_self_edits
 from seal.generate.hf import stack_adapter
 from seal.graders import make_grader
 from seal.models import load_model, load_tokenizer, resolve_model_path
@@ -130,7 +130,7 @@ def self_edits(path: Path, model_path: str, tokenizer, passages, num_self_edits:
             )
         return edits
     cfg = GenerateConfig(num_self_edits=num_self_edits, max_new_tokens=192, include_passage=True)
-    generator = HFGenerator(load_model(path=model_path), tokenizer, batch_size=32)
+    generator = HFEngine(load_model(path=model_path), tokenizer, batch_size=32)
     edits = [e for per in generate_self_edits(generator, tokenizer, passages, cfg, seed=0) for e in per]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(e.to_dict()) + "\n" for e in edits))
@@ -233,7 +233,7 @@ def ours(
     each adapter starts from the very LoRA weights the reference's PEFT model starts from and sees the
     examples in the reference trainer's order, so the two differ only in implementation (numerics);
     otherwise seal draws its own (same distributions)."""
-    generator = HFGenerator(model, tokenizer, batch_size=256)
+    generator = HFEngine(model, tokenizer, batch_size=256)
     rewarder = Rewarder(generator, tokenizer, grader, reward_cfg)
     schedule = trainer_schedule if paired else batch_schedule
     batched = BatchedTTT(model, tokenizer, cfg, exact_peft_init=paired, schedule=schedule)

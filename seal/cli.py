@@ -11,9 +11,12 @@ from pathlib import Path
 
 from trl import TrlParser
 
-from seal.evaluate import EvalArgs
-from seal.loop import SealArgs, run
+from seal.config import EvalArgs, SealArgs
+from seal.evaluate import evaluate as run_evaluation
+from seal.hub import push as push_run
+from seal.loop import run
 from seal.models import DEFAULT_MODEL
+from seal.review import main as review_main
 
 # One dataclass per concern, in SealArgs' field order: TRL's ModelConfig and SFTConfig, and seal's own.
 ARG_TYPES = tuple(typing.get_type_hints(SealArgs).values())
@@ -43,8 +46,6 @@ def parse_eval_args(argv: list[str] | None = None) -> EvalArgs:
 
 def evaluate(argv: list[str] | None = None) -> None:
     """Run the held-out QA evaluation from a recipe and print its tables."""
-    from seal.evaluate import evaluate as run_evaluation
-
     command = sys.orig_argv if argv is None else ["seal", "evaluate", *argv]  # recorded with the results
     args = parse_eval_args(argv)
     run_evaluation(args, argv=command)
@@ -53,15 +54,11 @@ def evaluate(argv: list[str] | None = None) -> None:
 
 def push(argv: list[str] | None = None) -> None:
     """Share a finished run on the Hub: `seal push --config recipe.yaml --hub_model_id me/x [--dry_run]`."""
-    from seal.hub import push as push_run
-
     push_run(parse_args(argv))
 
 
 def review(argv: list[str] | None = None) -> None:
     """A round's review page, or import of its exported decisions: `seal review RUN_DIR [--decisions F]`."""
-    from seal.review import main as review_main
-
     review_main(argv)
 
 

@@ -8,16 +8,72 @@ Field names are unique across all of them, hence the `ttt_`, `reward_`, `filter_
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-TEMPLATES = ("implications", "rewrite", "self-qa", "custom")
-PARSERS = ("lines", "paragraphs", "qa", "whole")
-TTT_MODELS = ("generator", "base")
+from trl import ModelConfig, SFTConfig
+
+# Vocabularies: a field typed with one of these accepts only its values (TrlParser turns them into choices).
+Backend = Literal["auto", "hf", "vllm"]
+TemplateName = Literal["implications", "rewrite", "self-qa", "custom"]
+ParserName = Literal["lines", "paragraphs", "qa", "whole"]
+Overlong = Literal["split", "error"]
+TTTLoss = Literal["all", "completion"]
+Autocast = Literal["auto", "bfloat16", "none"]
+LRScheduler = Literal["constant", "linear"]
+TTTMode = Literal["batched", "sequential"]
+TTTModel = Literal["generator", "base"]
+GraderName = Literal["exact_match", "f1", "contains", "judge"]
+FilterStrategy = Literal["top_k", "threshold", "gain"]
+EvalCondition = Literal["base", "passage", "base_generator", "trained_generator"]
+EvalSetting = Literal["single", "cpt"]
+
+
+def choices(vocabulary: Any) -> tuple[str, ...]:
+    """The values of a vocabulary, e.g. ``choices(TTTMode) == ("batched", "sequential")``."""
+    return typing.get_args(vocabulary)
+
+
+GRADER_NAMES = choices(GraderName)
+
+
+@functools.cache
+def _vocabularies(cls: type) -> dict[str, tuple[str, ...]]:
+    hints = typing.get_type_hints(cls)
+    return {
+        f.name: choices(hints[f.name])
+        for f in dataclasses.fields(cls)
+        if typing.get_origin(hints[f.name]) is Literal
+    }
+
+
+def one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+class Checked:
+    """A config dataclass that refuses bad values when it is made (and whenever `check()` is called again):
+    a field typed with a vocabulary accepts only its values, the fields in `at_least_one` only counts >= 1;
+    a subclass adds its own rules by extending `check`."""
+
+    at_least_one: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        for name, allowed in _vocabularies(type(self)).items():
+            one_of(name, getattr(self, name), allowed)
+        for name in self.at_least_one:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Checked):
     """Which passages the loop reads."""
 
     dataset_name: str = field(
@@ -36,21 +92,23 @@ class DataConfig:
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(Checked):
     """How the generator samples self-edits."""
 
-    generator_backend: str = field(
+    at_least_one = ("num_self_edits", "max_new_tokens", "generation_batch_size")
+
+    generator_backend: Backend = field(
         default="auto", metadata={"help": "auto | hf | vllm. auto picks vLLM when installed, else HF."}
     )
-    template: str = field(
-        default="implications", metadata={"help": f"Self-edit prompt: {', '.join(TEMPLATES)}."}
+    template: TemplateName = field(
+        default="implications", metadata={"help": f"Self-edit prompt: {', '.join(choices(TemplateName))}."}
     )
     custom_template: str | None = field(
         default=None, metadata={"help": "Prompt text with {title} and {context}, used when template=custom."}
     )
-    custom_parser: str = field(
+    custom_parser: ParserName = field(
         default="lines",
-        metadata={"help": f"How a custom template's completion is split: {', '.join(PARSERS)}."},
+        metadata={"help": f"How a custom template's completion is split: {', '.join(choices(ParserName))}."},
     )
     use_chat_template: bool = field(
         default=True, metadata={"help": "Wrap prompts in the tokenizer's chat template (instruct models)."}
@@ -73,10 +131,17 @@ class GenerateConfig:
         metadata={"help": "Also train on the passage itself (the paper's 'passage + self-edit')."},
     )
 
+    def check(self) -> None:
+        super().check()
+        if self.template == "custom" and "{context}" not in (self.custom_template or ""):
+            raise ValueError("template=custom needs custom_template containing a {context} placeholder")
+
 
 @dataclass
-class VLLMConfig:
+class VLLMConfig(Checked):
     """The vLLM engine (offline `vllm.LLM`, or a running `vllm serve` with `vllm_server_url`)."""
+
+    at_least_one = ("vllm_max_model_len", "vllm_max_loras")
 
     vllm_dtype: str = field(
         default="auto", metadata={"help": "Engine weights dtype (auto: the checkpoint's)."}
@@ -103,8 +168,10 @@ class VLLMConfig:
 
 
 @dataclass
-class TTTConfig:
+class TTTConfig(Checked):
     """Applying a self-edit: a fresh LoRA fine-tune of the base model on its training sequences."""
+
+    at_least_one = ("ttt_lora_r", "ttt_epochs", "ttt_batch_size")
 
     ttt_lora_r: int = field(default=32, metadata={"help": "LoRA rank."})
     ttt_lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha."})
@@ -120,7 +187,7 @@ class TTTConfig:
         default=256,
         metadata={"help": "Longest training sequence in tokens; longer ones: see ttt_overlong (never cut)."},
     )
-    ttt_overlong: str = field(
+    ttt_overlong: Overlong = field(
         default="split",
         metadata={
             "help": "split: a sequence longer than ttt_max_length is trained on as consecutive chunks (a "
@@ -128,13 +195,13 @@ class TTTConfig:
             "before any compute."
         },
     )
-    ttt_loss: str = field(
+    ttt_loss: TTTLoss = field(
         default="all",
         metadata={
             "help": "all: loss on every token; completion: only on the completion part (e.g. QA answers)."
         },
     )
-    ttt_autocast: str = field(
+    ttt_autocast: Autocast = field(
         default="auto",
         metadata={
             "help": "auto | bfloat16 | none. auto: bf16 autocast on CUDA and on CPUs with AMX/AVX512-BF16."
@@ -146,11 +213,11 @@ class TTTConfig:
             "help": "Clip each adapter's gradient norm to this (0: no clipping), as transformers does."
         },
     )
-    ttt_lr_scheduler: str = field(
+    ttt_lr_scheduler: LRScheduler = field(
         default="constant",
         metadata={"help": "constant | linear (decay to 0 over each adapter's steps, like transformers)."},
     )
-    ttt_mode: str = field(
+    ttt_mode: TTTMode = field(
         default="batched",
         metadata={
             "help": "batched: many self-edits' adapters trained and evaluated together (seal.multi_lora); "
@@ -161,7 +228,7 @@ class TTTConfig:
         default=0,
         metadata={"help": "Adapters trained together in batched mode; 0 = as many as free memory allows."},
     )
-    ttt_model: str = field(
+    ttt_model: TTTModel = field(
         default="generator",
         metadata={
             "help": "generator: a self-edit is applied to the model that wrote it (SEAL: round r's TTT and "
@@ -170,16 +237,23 @@ class TTTConfig:
         },
     )
 
-    def __post_init__(self) -> None:
-        if self.ttt_model not in TTT_MODELS:
-            raise ValueError(f"ttt_model must be one of {TTT_MODELS}, got '{self.ttt_model}'")
+    def check(self) -> None:
+        super().check()
+        if self.ttt_max_length < 2:
+            raise ValueError(f"ttt_max_length must be >= 2, got {self.ttt_max_length}")
+        if self.ttt_parallel_adapters < 0:
+            raise ValueError(f"ttt_parallel_adapters must be >= 0, got {self.ttt_parallel_adapters}")
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(Checked):
     """Scoring an adapted model: it answers the passage's questions without the passage."""
 
-    reward_grader: str = field(default="contains", metadata={"help": "exact_match | f1 | contains | judge."})
+    at_least_one = ("reward_repeats", "answer_max_new_tokens", "answer_batch_size")
+
+    reward_grader: GraderName = field(
+        default="contains", metadata={"help": "exact_match | f1 | contains | judge."}
+    )
     judge_model: str | None = field(
         default=None, metadata={"help": "Local judge model (path/Hub id); default: the base model itself."}
     )
@@ -201,10 +275,12 @@ class RewardConfig:
 
 
 @dataclass
-class FilterConfig:
+class FilterConfig(Checked):
     """Which self-edits the update trains on."""
 
-    filter_strategy: str = field(
+    at_least_one = ("filter_top_k",)
+
+    filter_strategy: FilterStrategy = field(
         default="top_k",
         metadata={"help": "top_k: best k per passage; threshold: reward >= t; gain: adapted - base > g."},
     )
@@ -229,8 +305,10 @@ class FilterConfig:
 
 
 @dataclass
-class LoopConfig:
+class LoopConfig(Checked):
     """The outer ReST-EM loop and its run directory (SFTConfig.output_dir)."""
+
+    at_least_one = ("num_rounds",)
 
     num_rounds: int = field(default=1, metadata={"help": "ReST-EM rounds."})
     update_merge: bool = field(
@@ -244,9 +322,11 @@ class LoopConfig:
 
 
 @dataclass
-class HeldOutConfig:
+class HeldOutConfig(Checked):
     """Held-out evaluation inside the loop (like TRL's eval_strategy): before round 0 and after every update,
     the current generator's self-edits are applied to held-out passages and scored without context."""
+
+    at_least_one = ("heldout_num_self_edits", "heldout_bootstrap_resamples")
 
     heldout_datasets: list[str] = field(
         default_factory=list,
@@ -270,13 +350,9 @@ class HeldOutConfig:
         default=10_000, metadata={"help": "Bootstrap resamples for the held-out CIs."}
     )
 
-    def __post_init__(self) -> None:
-        if self.heldout_num_self_edits < 1:
-            raise ValueError(f"heldout_num_self_edits must be >= 1, got {self.heldout_num_self_edits}")
-
 
 @dataclass
-class ReviewConfig:
+class ReviewConfig(Checked):
     """A person's review of each round's self-edits between the filter and the update (seal/review.py)."""
 
     review: bool = field(
@@ -297,7 +373,7 @@ class ReviewConfig:
 
 
 @dataclass
-class HubConfig:
+class HubConfig(Checked):
     """Sharing a run on the Hub (`seal push`, or at the end of a run with `push_to_hub: true`).
 
     The repo is named by TRL's own `SFTConfig` fields, read by seal's push (the update's SFTTrainer never
@@ -353,8 +429,10 @@ class HubConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Checked):
     """The held-out QA evaluation (`eval/run_eval.py`): conditions x settings x graders on one QA set."""
+
+    at_least_one = ("eval_num_self_edits", "eval_bootstrap_resamples")
 
     eval_dataset: str = field(
         default="sample",
@@ -405,6 +483,124 @@ class EvalConfig:
     eval_output_dir: str = field(default="runs/eval", metadata={"help": "Results, answers, plots, journal."})
     eval_seed: int = field(default=0, metadata={"help": "Seed of self-edit sampling and TTT."})
     eval_resume: bool = field(default=True, metadata={"help": "Continue from the output dir's journal."})
+
+    def check(self) -> None:
+        super().check()
+        for c in self.eval_conditions:
+            if c not in choices(EvalCondition):
+                raise ValueError(
+                    f"eval_conditions: unknown condition '{c}'; choose from {choices(EvalCondition)} or add "
+                    "eval_completions"
+                )
+        for s in self.eval_settings:
+            one_of("eval_settings", s, choices(EvalSetting))
+        for g in self.eval_graders:
+            one_of("eval_graders", g, GRADER_NAMES)
+        if not self.eval_graders or not self.eval_settings:
+            raise ValueError("eval_graders and eval_settings must not be empty")
+        if "trained_generator" in self.eval_conditions and not self.eval_generator:
+            raise ValueError(
+                "condition trained_generator needs eval_generator (an adapter dir or a checkpoint)"
+            )
+
+
+def check_backend(model: ModelConfig, generate: GenerateConfig) -> None:
+    """vLLM cannot serve the bitsandbytes-quantized base TTT trains on: `generator_backend: vllm` is refused
+    with load_in_4bit/8bit (`auto` picks HF for it)."""
+    if (model.load_in_4bit or model.load_in_8bit) and generate.generator_backend == "vllm":
+        raise ValueError(
+            "generator_backend: vllm cannot serve the bitsandbytes-quantized base that TTT trains on "
+            "(load_in_4bit / load_in_8bit): use generator_backend: hf (or auto)"
+        )
+
+
+def _check_sections(args: Any) -> None:
+    for f in dataclasses.fields(args):
+        section = getattr(args, f.name)
+        if isinstance(section, Checked):
+            section.check()
+
+
+@dataclass
+class SealArgs:
+    """Everything a ReST-EM run needs: TRL's model and SFT configs plus one dataclass per loop concern.
+
+    `check()` (run when made, and again by `seal.loop.run`) re-checks every section and the rules that
+    span sections; the Hub's own (repo ids, licences, a token) are checked by `seal.hub.check_hub_args`.
+    """
+
+    model: ModelConfig
+    data: DataConfig
+    generate: GenerateConfig
+    ttt: TTTConfig
+    reward: RewardConfig
+    filter: FilterConfig
+    loop: LoopConfig
+    sft: SFTConfig
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    review: ReviewConfig = field(default_factory=ReviewConfig)
+    heldout: HeldOutConfig = field(default_factory=HeldOutConfig)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        _check_sections(self)
+        check_backend(self.model, self.generate)
+        if self.ttt.ttt_model != "generator":
+            return
+        # SEAL's setting: each update is merged into the weights TTT trains on, scores and samples with.
+        if self.model.load_in_4bit or self.model.load_in_8bit:
+            raise ValueError(
+                "ttt_model: generator merges each update into the weights TTT trains on, which a quantized "
+                "(QLoRA) base cannot hold: use ttt_model: base"
+            )
+        if self.vllm.vllm_server_url and (self.loop.num_rounds > 1 or self.heldout.heldout_datasets):
+            raise ValueError(
+                "ttt_model: generator serves each round's new weights, which a running vLLM server cannot "
+                "switch to: use ttt_model: base, or the in-process engine"
+            )
+        if self.reward.reward_grader == "judge" and not (self.reward.judge_model or self.reward.judge_url):
+            raise ValueError(
+                "reward_grader judge with ttt_model: generator needs judge_model or judge_url (the base "
+                "model, the default judge, changes every round)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return snapshot(self)
+
+
+@dataclass
+class EvalArgs:
+    """Everything an evaluation needs (parsed by `trl.TrlParser` in eval/run_eval.py); `check()` as in
+    `SealArgs`."""
+
+    model: ModelConfig
+    eval: EvalConfig
+    generate: GenerateConfig
+    ttt: TTTConfig
+    reward: RewardConfig
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        _check_sections(self)
+        check_backend(self.model, self.generate)
+        trained_on_itself = (
+            self.ttt.ttt_model == "generator" and "trained_generator" in self.eval.eval_conditions
+        )
+        judge_given = self.reward.judge_model or self.reward.judge_url
+        if trained_on_itself and "judge" in self.eval.eval_graders and not judge_given:
+            raise ValueError(
+                "the judge grader with ttt_model: generator needs judge_model or judge_url (the base model, "
+                "the default judge, takes the trained generator's weights for its TTT runs)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return snapshot(self)
 
 
 def is_secret(field_name: str) -> bool:

@@ -12,6 +12,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import datasets
+
 SAMPLE = "sample"
 
 
@@ -181,8 +183,6 @@ def group_squad_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _read_hub(name: str, split: str, config: str | None) -> list[Any]:
-    import datasets
-
     ds = datasets.load_dataset(name, config, split=split)
     rows = list(ds)
     if rows and "questions" not in rows[0] and "question" in rows[0]:

@@ -17,21 +17,19 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from accelerate import PartialState
-from trl import ModelConfig
 
-from seal.config import EvalConfig, GenerateConfig, RewardConfig, TTTConfig, VLLMConfig, snapshot
+from seal.config import EvalArgs, EvalCondition, EvalConfig, choices
 from seal.data import DataValidationError, Passage, context_key, load_passages
-from seal.generate import HFGenerator, SelfEdit, generate_self_edits, make_self_edits
-from seal.generate.engine import adapter_rank, build_engine, engine_backend
+from seal.generate import HFEngine, SelfEdit, generate_self_edits, make_self_edits
+from seal.generate.engine import adapter_rank, build_engine
 from seal.generate.self_edits import check_prompt_lengths, self_edit_data
-from seal.graders import GRADER_NAMES, Grader
-from seal.inner_loop import MODES, InnerLoop, Job
+from seal.graders import Grader
+from seal.inner_loop import InnerLoop, Job
 from seal.journal import Journal
 from seal.models import load_model, load_tokenizer, quantization_config, resolve_model_path
 from seal.report import bar_chart, markdown_results, markdown_timing
@@ -44,8 +42,7 @@ from seal.weights import MERGED, adopt_weights, merged_update
 
 logger = logging.getLogger("seal")
 
-BUILTIN_CONDITIONS = ("base", "passage", "base_generator", "trained_generator")
-SETTINGS = ("single", "cpt")
+BUILTIN_CONDITIONS = choices(EvalCondition)
 LABELS = {
     "base": "Base model",
     "passage": "Train on passage",
@@ -57,21 +54,6 @@ TTT_ON = {  # the trained generator's row says which model its self-edits were a
     "generator": "Passage + self-edits (trained generator; TTT on it)",
     "base": "Passage + self-edits (trained generator; TTT on the base)",
 }
-
-
-@dataclass
-class EvalArgs:
-    """Everything an evaluation needs (parsed by `trl.TrlParser` in eval/run_eval.py)."""
-
-    model: ModelConfig
-    eval: EvalConfig
-    generate: GenerateConfig
-    ttt: TTTConfig
-    reward: RewardConfig
-    vllm: VLLMConfig = dataclasses.field(default_factory=VLLMConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return snapshot(self)
 
 
 def completion_files(cfg: EvalConfig) -> dict[str, str]:
@@ -90,43 +72,13 @@ def completion_files(cfg: EvalConfig) -> dict[str, str]:
     return out
 
 
-def check_args(args: EvalArgs) -> list[str]:
-    """Validate the recipe before any model loads; returns the conditions in table order."""
-    cfg = args.eval
-    files = completion_files(cfg)
-    for c in cfg.eval_conditions:
-        if c not in BUILTIN_CONDITIONS:
-            raise ValueError(
-                f"Unknown condition '{c}'; choose from {BUILTIN_CONDITIONS} or add eval_completions"
-            )
-    if "trained_generator" in cfg.eval_conditions and not cfg.eval_generator:
-        raise ValueError("condition trained_generator needs eval_generator (an adapter dir or a checkpoint)")
-    for s in cfg.eval_settings:
-        if s not in SETTINGS:
-            raise ValueError(f"Unknown setting '{s}'; choose from {SETTINGS}")
-    for g in cfg.eval_graders:
-        if g not in GRADER_NAMES:
-            raise ValueError(f"Unknown grader '{g}'; choose from {GRADER_NAMES}")
-    if not cfg.eval_graders or not cfg.eval_settings:
-        raise ValueError("eval_graders and eval_settings must not be empty")
-    if cfg.eval_num_self_edits < 1:
-        raise ValueError(f"eval_num_self_edits must be >= 1, got {cfg.eval_num_self_edits}")
-    if args.ttt.ttt_mode not in MODES:
-        raise ValueError(f"ttt_mode must be one of {MODES}, got '{args.ttt.ttt_mode}'")
-    engine_backend(args.generate.generator_backend, args.model)
-    if args.ttt.ttt_model == "generator" and "trained_generator" in cfg.eval_conditions:
-        if "judge" in cfg.eval_graders and not (args.reward.judge_model or args.reward.judge_url):
-            raise ValueError(
-                "the judge grader with ttt_model: generator needs judge_model or judge_url (the base model, "
-                "the default judge, takes the trained generator's weights for its TTT runs)"
-            )
-        conditions = list(dict.fromkeys([*cfg.eval_conditions, *files]))
-        return [
-            *conditions[: conditions.index("trained_generator")],
-            "trained_base",
-            *conditions[conditions.index("trained_generator") :],
-        ]
-    return list(dict.fromkeys([*cfg.eval_conditions, *files]))
+def table_conditions(args: EvalArgs) -> list[str]:
+    """The conditions in table order: the recipe's, then one per completions file; in SEAL's setting
+    `trained_base` (the trained generator without TTT) comes right before `trained_generator`."""
+    conditions = list(dict.fromkeys([*args.eval.eval_conditions, *completion_files(args.eval)]))
+    if args.ttt.ttt_model == "generator" and "trained_generator" in conditions:
+        conditions.insert(conditions.index("trained_generator"), "trained_base")
+    return conditions
 
 
 def serving_rank(args: EvalArgs, conditions: Sequence[str]) -> int:
@@ -167,7 +119,8 @@ def load_completions(path: str, passages: Sequence[Passage], n: int) -> dict[str
 def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run every condition x setting; write results.{json,md}, plots and answers; return the results."""
     cfg, gen = args.eval, args.generate
-    conditions = check_args(args)
+    args.check()  # re-checked: a caller may have changed a field since the args were made
+    conditions = table_conditions(args)
     if PartialState().num_processes > 1:  # each process would redo (and rewrite) the whole evaluation
         raise NotImplementedError(
             "The evaluation runs in one process (accelerate launch --num_processes 1); "
@@ -202,7 +155,7 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
         ),
         args.ttt,
     )
-    hf = HFGenerator(model, tokenizer, gen.generation_batch_size, args.ttt.ttt_autocast)
+    hf = HFEngine(model, tokenizer, gen.generation_batch_size, args.ttt.ttt_autocast)
     engine = build_engine(
         gen.generator_backend,
         args.model,
@@ -304,8 +257,7 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
         second = [j for j in pending if j.name in on_trained]
         if second:
             InnerLoop(model, tokenizer, args.ttt, rewarder, out / "adapters").run(second, finished)
-    if hasattr(engine, "close"):
-        engine.close()
+    engine.close()
 
     records = graded_answers(passages, conditions, journal, graders, cfg)
     results = summarize(records, passages, conditions, cfg, measured_minutes(journal, keys, sampled))
@@ -367,7 +319,7 @@ def trained_generator(args: EvalArgs, engine, tokenizer):
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"eval_generator {path}: neither a PEFT adapter nor a model checkpoint")
     model = load_model(str(path), args.model.dtype)
-    return HFGenerator(model, load_tokenizer(str(path)), args.generate.generation_batch_size), None
+    return HFEngine(model, load_tokenizer(str(path)), args.generate.generation_batch_size), None
 
 
 def open_run(out: Path, args: EvalArgs, argv: Sequence[str] | None) -> Journal:

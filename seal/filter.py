@@ -8,8 +8,6 @@ from typing import Any
 
 from seal.config import FilterConfig
 
-STRATEGIES = ("top_k", "threshold", "gain")
-
 
 def rewarded(row: dict[str, Any], cfg: FilterConfig) -> bool:
     """True when a parsed self-edit earned a reward the E-step may train on: above `filter_min_reward`
@@ -32,15 +30,11 @@ def select(rows: Sequence[dict[str, Any]], cfg: FilterConfig) -> list[dict[str, 
     Only :func:`rewarded` rows are ever kept, whatever the strategy; the strategy then chooses among them.
     Ties in top_k are broken by the lower self-edit index, so the selection is deterministic.
     """
-    if cfg.filter_strategy not in STRATEGIES:
-        raise ValueError(f"filter_strategy must be one of {STRATEGIES}, got '{cfg.filter_strategy}'")
     valid = [r for r in rows if rewarded(r, cfg)]
     if cfg.filter_strategy == "threshold":
         return [r for r in valid if r["reward"] >= cfg.filter_threshold]
     if cfg.filter_strategy == "gain":
         return [r for r in valid if r["adapted_accuracy"] - r["base_accuracy"] > cfg.filter_min_gain]
-    if cfg.filter_top_k < 1:
-        raise ValueError(f"filter_top_k must be >= 1, got {cfg.filter_top_k}")
     by_passage: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in valid:
         by_passage[r["passage_id"]].append(r)

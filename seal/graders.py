@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol, runtime_checkable
 
+from seal.config import GRADER_NAMES
 from seal.http import EndpointError, JSONClient, redact_url
 
 __all__ = [
@@ -365,8 +366,6 @@ class EndpointJudge:
 # --------------------------------------------------------------------------------------------
 # Factory
 # --------------------------------------------------------------------------------------------
-
-GRADER_NAMES: tuple[str, ...] = ("exact_match", "f1", "contains", "judge")
 
 
 def make_grader(

@@ -22,18 +22,21 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
+from datasets import Dataset
+from huggingface_hub import DatasetCard, DatasetCardData, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from peft import PeftConfig
 
-from seal.config import HubConfig, is_secret
+from seal.config import HubConfig, SealArgs, is_secret
 from seal.models import DEFAULT_MODEL, EMBEDDED_PREFIX
+from seal.report import markdown_rows
 from seal.update import finished_update
 from seal.utils import read_jsonl
-
-if TYPE_CHECKING:
-    from seal.loop import SealArgs
 
 logger = logging.getLogger("seal.hub")
 
@@ -144,7 +147,6 @@ def dataset_repo_id(args: SealArgs) -> str:
 
 
 def _check_repo_id(field: str, repo_id: str) -> None:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(repo_id)
@@ -182,8 +184,6 @@ def check_hub_args(args: SealArgs, pushing: bool) -> None:
     if args.hub.hub_eval_dir and not (Path(args.hub.hub_eval_dir) / "results.md").is_file():
         raise FileNotFoundError(f"hub_eval_dir: {Path(args.hub.hub_eval_dir) / 'results.md'} does not exist")
     if not args.hub.dry_run:
-        from huggingface_hub import get_token
-
         if get_token() is None:  # only whether there is one: its value is never read here
             raise PermissionError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or --dry_run)")
 
@@ -288,10 +288,6 @@ def eval_markdown(eval_dir: Path, generator: Path) -> str:
 
 def model_card(run: Run, args: SealArgs, eval_dir: Path | None, dataset_id: str | None):
     """The model card (huggingface_hub.ModelCard): metadata, description, recipe, rounds, evaluation, data."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from seal.loop import markdown_table
-
     model_name = run.section("model").get("model_name_or_path") or DEFAULT_MODEL
     base_id = base_hub_id(model_name, args.hub)
     known = _known_base(model_name)
@@ -342,7 +338,7 @@ def model_card(run: Run, args: SealArgs, eval_dir: Path | None, dataset_id: str 
         + ", in the base model's chat format.",
         "## Training recipe\n\n" + recipe_markdown(run, base_id or model_name),
         "## Rounds\n\n"
-        + markdown_table(run.summaries)
+        + markdown_rows(run.summaries)
         + "\n\n`base_acc`: the base model's no-context accuracy; `mean_adapted_acc`: after TTT on a "
         "self-edit; `best_of_k_acc`: the best self-edit's per passage; `mean_reward`: adapted minus base; "
         "`kept`: the self-edits the generator was trained on.",
@@ -382,10 +378,6 @@ def self_edit_rows(run: Run) -> list[dict[str, Any]]:
 
 def dataset_card(run: Run, args: SealArgs, model_id: str, n_rows: int):
     """The dataset card (huggingface_hub.DatasetCard)."""
-    from huggingface_hub import DatasetCard, DatasetCardData
-
-    from seal.loop import markdown_table
-
     data_name = run.section("data").get("dataset_name")
     license_id = dataset_license(data_name, args.hub)
     size = "n<1K" if n_rows < 1000 else "1K<n<10K" if n_rows < 10_000 else "10K<n<100K"
@@ -423,7 +415,7 @@ def dataset_card(run: Run, args: SealArgs, model_id: str, n_rows: int):
         "training loss\n"
         "- `kept`: selected by the filter; `trained`: trained on by the update (the kept rows, unless a "
         "person's review changed them)",
-        "## Rounds\n\n" + markdown_table(run.summaries),
+        "## Rounds\n\n" + markdown_rows(run.summaries),
         f"## Licence\n\n`{license_id}`: the licence of the passages the self-edits were written from.",
     ]
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
@@ -434,7 +426,6 @@ def build_model_folder(
     run: Run, args: SealArgs, out: Path, eval_dir: Path | None, dataset_id: str | None
 ) -> Path:
     """Weights (safetensors only), the recipe and the card, in `out` (replaced)."""
-    from peft import PeftConfig
 
     src = run.generator
     shutil.rmtree(out, ignore_errors=True)
@@ -461,7 +452,6 @@ def build_model_folder(
 
 def build_dataset_folder(run: Run, args: SealArgs, out: Path) -> Path:
     """The self-edits as data/train-00000-of-00001.parquet plus the card, in `out` (replaced)."""
-    from datasets import Dataset
 
     rows = self_edit_rows(run)
     shutil.rmtree(out, ignore_errors=True)
@@ -501,9 +491,6 @@ def upload(folders: HubFolders, private: bool | None, message: str) -> list[str]
     The endpoint is `HF_ENDPOINT` as set now (huggingface_hub reads it only at import), the token whatever
     huggingface_hub resolves (HF_TOKEN, then `hf auth login`).
     """
-    from importlib.metadata import version
-
-    from huggingface_hub import HfApi
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
     api = HfApi(endpoint=endpoint, library_name="seal", library_version=version("seal"))

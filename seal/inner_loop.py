@@ -23,7 +23,6 @@ from transformers import PreTrainedTokenizerBase
 
 from seal.config import TTTConfig
 from seal.data import Passage
-from seal.generate import HFGenerator
 from seal.generate.hf import stack_adapter
 from seal.paths import safe_name
 from seal.reward import PassageScore, Rewarder
@@ -31,7 +30,6 @@ from seal.templates import TrainExample
 from seal.ttt import TTT, BatchedTTT, parallel_adapters, tokens_per_step
 
 logger = logging.getLogger("seal")
-MODES = ("batched", "sequential")
 
 
 @dataclass
@@ -70,11 +68,9 @@ class InnerLoop:
         rewarder: Rewarder,
         adapter_dir: str | Path,
     ):
-        if cfg.ttt_mode not in MODES:
-            raise ValueError(f"ttt_mode must be one of {MODES}, got '{cfg.ttt_mode}'")
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.rewarder = rewarder
-        self.engine = rewarder.generator
+        self.engine = rewarder.engine
         self.adapter_dir = Path(adapter_dir)
         self.sequential = TTT(model, tokenizer, cfg)
         self.batched = BatchedTTT(model, tokenizer, cfg)
@@ -82,7 +78,7 @@ class InnerLoop:
     @property
     def shares_model(self) -> bool:
         """True when the engine generates with the very model TTT trains (no export needed)."""
-        return isinstance(self.engine, HFGenerator) and self.engine.model is self.model
+        return self.engine.serves_live(self.model)
 
     def chunk_size(self, jobs: Sequence[Job], world_size: int = 1) -> int:
         """K, the adapters trained together. Chosen from free memory (`ttt_parallel_adapters: 0`), it is
@@ -170,7 +166,7 @@ class InnerLoop:
             if self.cfg.ttt_mode == "sequential":
                 yield ["ttt"]
             else:
-                self.engine.stack = self.batched.stack
+                self.engine.serve_stack(self.batched.stack)
                 yield [stack_adapter(i) for i in range(len(jobs))]
             return
         names: list[str] = []

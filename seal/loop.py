@@ -17,13 +17,11 @@ directory, so rerunning the same command resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,36 +29,23 @@ import torch
 import yaml
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
-from trl import ModelConfig, SFTConfig
 
-from seal.config import (
-    DataConfig,
-    FilterConfig,
-    GenerateConfig,
-    HeldOutConfig,
-    HubConfig,
-    LoopConfig,
-    ReviewConfig,
-    RewardConfig,
-    TTTConfig,
-    VLLMConfig,
-    snapshot,
-)
+from seal.config import SealArgs
 from seal.data import Passage, load_passages
 from seal.describe import describe_rows
-from seal.filter import STRATEGIES, passages_without_kept, select
-from seal.generate import HFGenerator, SelfEdit, generate_self_edits
+from seal.filter import passages_without_kept, select
+from seal.generate import HFEngine, SelfEdit, generate_self_edits
 from seal.generate.engine import build_engine, engine_backend, vllm_engine
 from seal.generate.self_edits import check_prompt_lengths
-from seal.graders import GRADER_NAMES
 from seal.heldout import HeldOut, load_heldout
 from seal.hub import HUB_RESUMABLE, check_hub_args, push
-from seal.inner_loop import MODES, InnerLoop, Job
+from seal.inner_loop import InnerLoop, Job
 from seal.journal import Journal
 from seal.models import load_model, load_tokenizer, quantization_config, resolve_model_path
+from seal.report import markdown_rows
 from seal.review import review_round
 from seal.reward import PassageScore, Rewarder, build_grader, reward
-from seal.templates import get_template, passage_examples
+from seal.templates import passage_examples
 from seal.tracking import RoundTracker
 from seal.ttt import check_overlong, check_passages_fit, wrap_for_adapters
 from seal.update import finished_update, update_generator
@@ -70,60 +55,11 @@ from seal.weights import adopt_weights, merged_update
 logger = logging.getLogger("seal")
 
 
-@dataclass
-class SealArgs:
-    """Everything a run needs: TRL's model and SFT configs plus one dataclass per loop concern."""
-
-    model: ModelConfig
-    data: DataConfig
-    generate: GenerateConfig
-    ttt: TTTConfig
-    reward: RewardConfig
-    filter: FilterConfig
-    loop: LoopConfig
-    sft: SFTConfig
-    vllm: VLLMConfig = dataclasses.field(default_factory=VLLMConfig)
-    hub: HubConfig = dataclasses.field(default_factory=HubConfig)
-    review: ReviewConfig = dataclasses.field(default_factory=ReviewConfig)
-    heldout: HeldOutConfig = dataclasses.field(default_factory=HeldOutConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return snapshot(self)
-
-
 def check_args(args: SealArgs) -> None:
-    """Refuse an inconsistent recipe before loading anything."""
-    get_template(args.generate)
-    engine_backend(args.generate.generator_backend, args.model)
+    """Refuse an inconsistent recipe before loading anything: every config rule (re-checked, since a caller
+    may have changed a field after the args were made), and the Hub's when the run pushes."""
+    args.check()
     check_hub_args(args, pushing=args.sft.push_to_hub)
-    if args.reward.reward_grader not in GRADER_NAMES:
-        raise ValueError(f"reward_grader must be one of {GRADER_NAMES}, got '{args.reward.reward_grader}'")
-    if args.ttt.ttt_mode not in MODES:
-        raise ValueError(f"ttt_mode must be one of {MODES}, got '{args.ttt.ttt_mode}'")
-    if args.filter.filter_strategy not in STRATEGIES:
-        raise ValueError(f"filter_strategy must be one of {STRATEGIES}, got '{args.filter.filter_strategy}'")
-    for name in ("num_self_edits", "reward_repeats", "num_rounds", "ttt_epochs", "ttt_batch_size"):
-        value = next(
-            getattr(c, name) for c in (args.generate, args.reward, args.loop, args.ttt) if hasattr(c, name)
-        )
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if args.ttt.ttt_model == "generator":  # the update's weights become the weights TTT runs on
-        if args.model.load_in_4bit or args.model.load_in_8bit:
-            raise ValueError(
-                "ttt_model: generator merges each update into the weights TTT trains on, which a quantized "
-                "(QLoRA) base cannot hold: use ttt_model: base"
-            )
-        if args.vllm.vllm_server_url and (args.loop.num_rounds > 1 or args.heldout.heldout_datasets):
-            raise ValueError(
-                "ttt_model: generator serves each round's new weights, which a running vLLM server cannot "
-                "switch to: use ttt_model: base, or the in-process engine"
-            )
-        if args.reward.reward_grader == "judge" and not (args.reward.judge_model or args.reward.judge_url):
-            raise ValueError(
-                "reward_grader judge with ttt_model: generator needs judge_model or judge_url (the base "
-                "model, the default judge, changes every round)"
-            )
 
 
 def setup_run_dir(args: SealArgs, main_process: bool = True) -> Path:
@@ -162,16 +98,6 @@ def setup_run_dir(args: SealArgs, main_process: bool = True) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(config_path, lambda f: yaml.safe_dump(snapshot, f, sort_keys=False))  # whole or old
     return run_dir
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Rows as a Markdown table over the union of their keys (a key a row lacks prints as –)."""
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for r in rows:
-        cells = (r.get(c, "–") for c in cols)
-        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in cells) + " |")
-    return "\n".join(lines)
 
 
 def run(
@@ -223,7 +149,7 @@ def run(
         ),
         args.ttt,
     )
-    hf = HFGenerator(model, tokenizer, args.generate.generation_batch_size, args.ttt.ttt_autocast)
+    hf = HFEngine(model, tokenizer, args.generate.generation_batch_size, args.ttt.ttt_autocast)
     # The engine samples self-edits and answers questions: vLLM (adapters through LoRARequest) or HF itself.
     engine = build_engine(
         args.generate.generator_backend, args.model, hf, args.vllm, base_path, lora_rank(args), args.sft.seed
@@ -232,7 +158,7 @@ def run(
     if args.reward.reward_grader == "judge" and args.reward.judge_model and not args.reward.judge_url:
         judge_path = resolve_model_path(args.reward.judge_model, args.loop.model_cache_dir)
         judge_tokenizer = load_tokenizer(judge_path)
-        judge = HFGenerator(load_model(judge_path), judge_tokenizer, args.reward.answer_batch_size)
+        judge = HFEngine(load_model(judge_path), judge_tokenizer, args.reward.answer_batch_size)
     grader = build_grader(args.reward, judge, judge_tokenizer)
     rewarder = Rewarder(engine, tokenizer, grader, args.reward, args.generate.use_chat_template)
     journal = Journal(run_dir / "journal.jsonl", rank=rank if world > 1 else None)
@@ -404,7 +330,7 @@ def run(
         # 5. update: SFT the generator on the kept (prompt, self-edit) pairs; the next round samples from it.
         update = finished_update(round_dir / "update")
         if update is None and kept:
-            sleeping(engine, True)  # free accelerator memory for training when vLLM shares the GPU
+            engine.sleep()  # free accelerator memory for training when vLLM shares the GPU
             update = update_generator(
                 base_path,
                 kept,
@@ -414,7 +340,7 @@ def run(
                 args.loop.update_merge,
                 args.generate.use_chat_template,
             )
-            sleeping(engine, False)
+            engine.wake_up()
         elif not kept:
             logger.warning("round %d: no self-edit passed the filter; the generator is not updated", r)
         if update is not None and (r + 1 < args.loop.num_rounds or heldout_sets):
@@ -442,18 +368,17 @@ def run(
         summaries.append(summary)
         if main:
             write_json(round_dir / "summary.json", summary)
-            (round_dir / "summary.md").write_text(markdown_table([summary]) + "\n")
+            (round_dir / "summary.md").write_text(markdown_rows([summary]) + "\n")
             tracker.update(summaries)
         logger.info("round %d done in %.1f min", r, summary["minutes"])
 
-    if hasattr(engine, "close"):
-        engine.close()
+    engine.close()
     if not main:  # the main process reports
         return summaries
     tracker.close()
     if len(summaries) < args.loop.num_rounds:  # stopped for a review
         return summaries
-    table = markdown_table(summaries)
+    table = markdown_rows(summaries)
     (run_dir / "summary.md").write_text(table + "\n")
     write_json(run_dir / "summary.json", summaries)
     print(table, flush=True)
@@ -468,10 +393,10 @@ def load_generator(
     """The updated generator: an adapter on the shared engine, or an engine on the merged/full weights."""
     if update["kind"] == "adapter":
         return engine, engine.add_adapter(update["path"], name=f"generator-r{r}")  # a fresh name per version
-    if isinstance(engine, HFGenerator):
+    if engine_backend(args.generate.generator_backend, args.model) == "hf":
         model = load_model(update["path"], args.model.dtype)
         tok = load_tokenizer(update["path"])
-        return HFGenerator(model, tok, args.generate.generation_batch_size, args.ttt.ttt_autocast), None
+        return HFEngine(model, tok, args.generate.generation_batch_size, args.ttt.ttt_autocast), None
     if args.vllm.vllm_server_url:
         raise ValueError(
             "A running vLLM server cannot switch to merged/full update weights: keep the update as a LoRA "
@@ -496,12 +421,6 @@ def all_cpu_threads(enabled: bool) -> Iterator[None]:
 def lora_rank(args: SealArgs) -> int:
     """The largest LoRA rank an engine must serve: TTT adapters and the generator's update adapter."""
     return max(args.ttt.ttt_lora_r, args.model.lora_r if args.model.use_peft else 1)
-
-
-def sleeping(engine, asleep: bool) -> None:
-    """Sleep/wake a vLLM engine around training phases (a no-op for HF and when sleep mode is off)."""
-    if hasattr(engine, "sleep"):
-        engine.sleep() if asleep else engine.wake_up()
 
 
 def round_summary(

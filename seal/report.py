@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas on savefig
+
 __all__ = ["MISSING", "bar_chart", "markdown_results", "markdown_timing"]
 
 MISSING = "–"
@@ -99,6 +101,16 @@ def markdown_results(rows: list[dict], grader: str, title: str | None = None) ->
     return "\n".join(lines) + "\n"
 
 
+def markdown_rows(rows: list[dict[str, Any]]) -> str:
+    """Rows as a Markdown table over the union of their keys (a key a row lacks prints as –)."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        cells = (r.get(c, "–") for c in cols)
+        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown_timing(minutes: Mapping[str, float | None]) -> str:
     """Markdown table of measured wall-clock minutes per stage (``{stage: minutes}``, e.g. with a ``total``);
     None prints as ``–`` with a note that the stage was not measured."""
@@ -116,7 +128,6 @@ def markdown_timing(minutes: Mapping[str, float | None]) -> str:
 
 def bar_chart(rows: list[dict], path: str | os.PathLike, grader: str, title: str | None = None) -> Path:
     """Bar chart of accuracy (%) per condition with asymmetric 95% CI error bars; saves a PNG."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas on savefig
 
     labels: list[str] = []
     heights: list[float] = []

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from seal.config import ReviewConfig
+from seal.data import SAMPLE, load_passages
 from seal.utils import read_json, read_jsonl, write_json
 
 logger = logging.getLogger("seal")
@@ -564,8 +565,6 @@ def _latest_round(run_dir: Path) -> Path:
 
 def run_passages(run_dir: Path) -> dict[str, Any] | None:
     """The run's passages (for questions and context on the page) if its data is local; else None."""
-    from seal.data import SAMPLE, load_passages
-
     config = run_dir / "config.yaml"
     if not config.is_file():
         return None

@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerBase
 
 from seal.config import RewardConfig
 from seal.data import Passage
-from seal.generate.base import Generator, Sampling, per_prompt_adapters
+from seal.generate.base import Engine, Sampling, per_prompt_adapters
 from seal.graders import Grader, make_grader
 from seal.templates import render_chat
 
@@ -38,17 +38,17 @@ class PassageScore:
 
 
 class Rewarder:
-    """Answers questions greedily (batched, through the generator interface) and grades the answers."""
+    """Answers questions greedily (batched, through the engine) and grades the answers."""
 
     def __init__(
         self,
-        generator: Generator,
+        engine: Engine,
         tokenizer: PreTrainedTokenizerBase,
         grader: Grader,
         cfg: RewardConfig,
         use_chat_template: bool = True,
     ):
-        self.generator = generator
+        self.engine = engine
         self.tokenizer = tokenizer
         self.grader = grader
         self.cfg = cfg
@@ -65,7 +65,7 @@ class Rewarder:
         if not (adapter is None or isinstance(adapter, str)) and len(set(adapter)) == 1:
             adapter = adapter[0]  # one model for all: generators need not support per-prompt adapters
         sampling = Sampling(n=1, temperature=0.0, max_new_tokens=self.cfg.answer_max_new_tokens)
-        return [c[0].strip() for c in self.generator.generate(prompts, sampling, adapter=adapter)]
+        return [c[0].strip() for c in self.engine.generate(prompts, sampling, adapter=adapter)]
 
     def score(
         self, passages: Sequence[Passage], adapter: str | None | Sequence[str | None] = None
@@ -90,9 +90,7 @@ class Rewarder:
         return out
 
 
-def build_grader(
-    cfg: RewardConfig, local_judge: Generator | None, tokenizer: PreTrainedTokenizerBase
-) -> Grader:
+def build_grader(cfg: RewardConfig, local_judge: Engine | None, tokenizer: PreTrainedTokenizerBase) -> Grader:
     """The recipe's grader; a local judge answers through `local_judge` (greedy, a few tokens)."""
 
     def complete(prompts: list[str]) -> list[str]:

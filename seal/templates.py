@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from seal.config import PARSERS, GenerateConfig
+from seal.config import GenerateConfig, ParserName, choices
 from seal.data import Passage
 
 
@@ -19,7 +19,7 @@ class Template:
     parser: str
 
 
-TEMPLATES: dict[str, Template] = {
+BUILTIN_TEMPLATES: dict[str, Template] = {  # every TemplateName but custom
     "implications": Template(
         "Read the following passage and write a list of implications that follow directly or indirectly "
         "from it, one per line.\n\nPassage:\n{title}\n{context}\n\nImplications:",
@@ -52,15 +52,10 @@ class TrainExample:
 
 
 def get_template(cfg: GenerateConfig) -> Template:
+    """The recipe's template (GenerateConfig has checked its name and a custom one's placeholder)."""
     if cfg.template == "custom":
-        if not cfg.custom_template or "{context}" not in cfg.custom_template:
-            raise ValueError("template=custom needs custom_template containing a {context} placeholder")
-        if cfg.custom_parser not in PARSERS:
-            raise ValueError(f"custom_parser must be one of {PARSERS}, got '{cfg.custom_parser}'")
         return Template(cfg.custom_template, cfg.custom_parser)
-    if cfg.template not in TEMPLATES:
-        raise ValueError(f"Unknown template '{cfg.template}'; choose from {sorted(TEMPLATES) + ['custom']}")
-    return TEMPLATES[cfg.template]
+    return BUILTIN_TEMPLATES[cfg.template]
 
 
 def build_prompt(template: Template, passage: Passage) -> str:
@@ -105,7 +100,7 @@ def parse_items(completion: str, parser: str) -> list[tuple[str, str]]:
             for m in _QA.finditer(text)
             if m["a"].strip()
         ]
-    raise ValueError(f"Unknown parser '{parser}'; choose from {PARSERS}")
+    raise ValueError(f"Unknown parser '{parser}'; choose from {choices(ParserName)}")
 
 
 def training_examples(

@@ -22,6 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+from matplotlib.figure import Figure  # no pyplot: no global state
+
 from seal.utils import write_json
 
 logger = logging.getLogger("seal")
@@ -47,8 +51,6 @@ def tracker_names(report_to: str | Sequence[str] | None) -> list[str]:
 
     Integrations only transformers knows (e.g. codecarbon) are left to the update step.
     """
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
-
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
     available = {str(t) for t in get_available_trackers()}
     if "all" in names:
@@ -103,9 +105,6 @@ class RoundTracker:
         )
 
     def _start(self) -> list[Any]:
-        from accelerate import PartialState
-        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-
         PartialState()  # the trackers log only on the main process, which needs accelerate's state
         trackers = []
         for name in self.names:
@@ -154,7 +153,6 @@ def plot_rounds(summaries: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Accuracy (mean adapted, best-of-k, base) and mean reward per round, side by side, as a PNG; with a
     held-out evaluation, a third panel: held-out accuracy of each generator's self-edits (x = the generator
     version: 0 the base, r + 1 after round r)."""
-    from matplotlib.figure import Figure  # no pyplot: no global state
 
     rounds = [s["round"] for s in summaries]
     heldout = sorted(

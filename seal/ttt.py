@@ -43,7 +43,6 @@ ADAPTER = "ttt"
 # Logit transforms some architectures apply after their output layer (the fused loss then does not apply).
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 PACK_LENGTH = 256  # tokens per packed training row (batched TTT); attention cost grows with its square
-OVERLONG = ("split", "error")  # ttt_overlong: what happens to a sequence longer than ttt_max_length
 PROMPT_SHARE = 4  # a prompt of at most ttt_max_length // 4 tokens is repeated before every chunk
 Sequences = list[tuple[list[int], list[int]]]  # (input_ids, labels) training sequences
 
@@ -68,14 +67,6 @@ def wrap_for_adapters(model: PreTrainedModel | PeftModel, cfg: TTTConfig) -> Pef
     peft_model = get_peft_model(model, ttt_lora_config(cfg), adapter_name=ADAPTER)
     peft_model.eval()
     return peft_model
-
-
-def check_overlong_mode(cfg: TTTConfig) -> None:
-    """Refuse an unknown `ttt_overlong`, and a `ttt_max_length` too short to split at (< 2)."""
-    if cfg.ttt_overlong not in OVERLONG:
-        raise ValueError(f"ttt_overlong must be one of {OVERLONG}, got '{cfg.ttt_overlong}'")
-    if cfg.ttt_max_length < 2:
-        raise ValueError(f"ttt_max_length must be >= 2, got {cfg.ttt_max_length}")
 
 
 def encode_example(ex: TrainExample, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
@@ -147,7 +138,6 @@ def check_overlong(
     """How many examples of `jobs` are longer than ttt_max_length (TTT splits them; logged once, INFO, on
     `seal`). With ttt_overlong=error a DataValidationError instead, naming each one's job (`names[k]`),
     example, length and the limit: call it before any training."""
-    check_overlong_mode(cfg)
     limit = cfg.ttt_max_length
     found = [
         (name, i, n, job[i])
@@ -180,8 +170,7 @@ def check_passages_fit(
 ) -> None:
     """With ttt_overlong=error, refuse (before any model loads) a passage whose own TTT sequence (title
     prefix + context + EOS) is longer than ttt_max_length; `trained`: is the passage trained on (default
-    `gen.include_passage`). Validates ttt_overlong and ttt_max_length in any case."""
-    check_overlong_mode(cfg)
+    `gen.include_passage`)."""
     if cfg.ttt_overlong != "error" or not (gen.include_passage if trained is None else trained):
         return
     problems = [
@@ -252,9 +241,6 @@ class TTT:
     """Fine-tunes a fresh `ttt` LoRA adapter on one self-edit's examples, leaving it active for evaluation."""
 
     def __init__(self, model: PeftModel, tokenizer: PreTrainedTokenizerBase, cfg: TTTConfig):
-        if cfg.ttt_loss not in ("all", "completion"):
-            raise ValueError(f"ttt_loss must be 'all' or 'completion', got '{cfg.ttt_loss}'")
-        check_overlong_mode(cfg)
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = cfg
@@ -335,7 +321,7 @@ class BatchedTTT:
     shuffles, same batch size, and with `exact_peft_init` the same initial weights), its loss is the mean
     over its own tokens, and it is its own parameter group of one AdamW (own learning rate, step count and
     moments; skipped in steps it sits out), so training K together is training each alone, only faster.
-    After :meth:`apply` the adapters stay in ``self.stack`` for batched evaluation (``HFGenerator.stack``)
+    After :meth:`apply` the adapters stay in ``self.stack`` for batched evaluation (``HFEngine.stack``)
     or export (:meth:`save`). Sequences are packed (:func:`pack_sequences`), never padded to a fixed length.
 
     The training state - the stack, the optimizer's moments and the gradient buffers, ~26 bytes per LoRA
@@ -356,10 +342,6 @@ class BatchedTTT:
         draw for its seed, at ~0.25 s per adapter on a 135M model; otherwise from the same distribution.
         `schedule(examples, batch_size, epochs, seed)` gives each adapter's (epoch, example indices) per
         step (default :func:`batch_schedule`, as sequential TTT)."""
-        if cfg.ttt_loss not in ("all", "completion"):
-            raise ValueError(f"ttt_loss must be 'all' or 'completion', got '{cfg.ttt_loss}'")
-        lr_factor(cfg.ttt_lr_scheduler, 0, 1)  # validate early
-        check_overlong_mode(cfg)
         self.exact_peft_init = exact_peft_init
         self.schedule = schedule
         self.model = model

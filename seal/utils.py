@@ -48,7 +48,7 @@ def autocast(device: torch.device, setting: str = "auto") -> contextlib.Abstract
 
 @contextlib.contextmanager
 def frozen_linears_in(model: torch.nn.Module, dtype: torch.dtype | None):
-    """Hold every frozen floating-point ``nn.Linear`` of `model` in `dtype` inside this context.
+    """Hold every frozen float32 ``nn.Linear`` weight and bias of `model` in `dtype` inside this context.
 
     Autocast keeps the casts it makes only for leaf tensors that require grad, so a frozen base model's
     weights are cast anew in every forward: on SmolLM2-135M on CPU that is ~135M parameters per training
@@ -66,8 +66,8 @@ def frozen_linears_in(model: torch.nn.Module, dtype: torch.dtype | None):
                 continue
             for name in ("weight", "bias"):
                 param = module._parameters.get(name)
-                if param is None or param.requires_grad or not param.is_floating_point():
-                    continue
+                if param is None or param.requires_grad or param.dtype != torch.float32:
+                    continue  # autocast casts only float32: a float64 (or already low-precision) one stays
                 if param.dtype != dtype:
                     if id(param) not in copies:
                         copies[id(param)] = torch.nn.Parameter(param.detach().to(dtype), requires_grad=False)

@@ -96,7 +96,7 @@ def passage_adapters(embedded_path, tokenizer, tmp_path_factory):
     """
     from seal.config import RewardConfig, TTTConfig
     from seal.data import load_passages
-    from seal.generate import HFGenerator
+    from seal.generate import HFEngine
     from seal.generate.hf import stack_adapter
     from seal.graders import make_grader
     from seal.models import load_model
@@ -104,7 +104,7 @@ def passage_adapters(embedded_path, tokenizer, tmp_path_factory):
     from seal.ttt import BatchedTTT, wrap_for_adapters
 
     model = wrap_for_adapters(load_model(embedded_path), TTTConfig())
-    generator = HFGenerator(model, tokenizer)
+    generator = HFEngine(model, tokenizer)
     rewarder = Rewarder(generator, tokenizer, make_grader("contains"), RewardConfig())
     batched = BatchedTTT(model, tokenizer, TTTConfig(ttt_epochs=10, ttt_learning_rate=1e-3))
     passages = load_passages("sample", "eval")[:2]

@@ -27,9 +27,7 @@ def test_reordered_words_are_not_a_copy_and_case_and_punctuation_do_not_matter()
 
 def test_non_ascii_words_are_words():
     d = describe("Zürich liegt am See.", "Zürich liegt am Zürichsee.")
-    assert d["edit_words"] == 4 and d["edit_novel"] == pytest.approx(
-        1 / 3
-    )  # "am": a stopword; "see": new
+    assert d["edit_words"] == 4 and d["edit_novel"] == pytest.approx(1 / 3)  # "am": a stopword; "see": new
 
 
 def test_empty_self_edits_are_not_described():

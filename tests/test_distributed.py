@@ -72,13 +72,13 @@ def test_journal_reads_every_rank_and_merges(tmp_path):
 
 @pytest.mark.parametrize("parallel", [0, 3])
 def test_inner_loop_shards_are_disjoint_and_cover_all_jobs(tiny_model, tokenizer, tmp_path, parallel):
-    from seal.generate import HFGenerator
+    from seal.generate import HFEngine
     from seal.graders import make_grader
     from seal.ttt import wrap_for_adapters
 
     cfg = TTTConfig(ttt_parallel_adapters=parallel, ttt_lora_r=2, ttt_lora_alpha=4)
     model = wrap_for_adapters(tiny_model, cfg)
-    rewarder = Rewarder(HFGenerator(model, tokenizer), tokenizer, make_grader("contains"), RewardConfig())
+    rewarder = Rewarder(HFEngine(model, tokenizer), tokenizer, make_grader("contains"), RewardConfig())
     loop = InnerLoop(model, tokenizer, cfg, rewarder, tmp_path)
     jobs = [Job(f"j{i}", [TrainExample("", "x " * (i + 1))] * (1 + i % 4), [], seed=i) for i in range(10)]
     chunks: dict[int, list[list[str]]] = {}

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from trl import ModelConfig
 
 import seal.evaluate as evaluate_module
-from seal.config import EvalConfig, GenerateConfig, RewardConfig, TTTConfig
+from seal.config import EvalArgs, EvalConfig, GenerateConfig, RewardConfig, TTTConfig
 from seal.data import DataValidationError, load_passages
-from seal.evaluate import EvalArgs, evaluate
+from seal.evaluate import evaluate
 from seal.inner_loop import InnerLoop
 from seal.utils import read_jsonl
 from seal.weights import base_parameters
@@ -144,10 +144,10 @@ def test_local_judge_grader_and_sequential_mode(tiny_model_path, tmp_path):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"eval_conditions": ["base", "oracle"]}, "Unknown condition 'oracle'"),
+        ({"eval_conditions": ["base", "oracle"]}, "eval_conditions: unknown condition 'oracle'"),
         ({"eval_conditions": ["trained_generator"]}, "needs eval_generator"),
-        ({"eval_settings": ["multi"]}, "Unknown setting"),
-        ({"eval_graders": ["bleu"]}, "Unknown grader"),
+        ({"eval_settings": ["multi"]}, "eval_settings must be one of"),
+        ({"eval_graders": ["bleu"]}, "eval_graders must be one of"),
         ({"eval_completions": ["no-label-here"]}, "label=path"),
         ({"eval_completions": ["base=x.json"]}, "already a condition"),
         ({"ttt_mode": "parallel"}, "ttt_mode"),
@@ -196,7 +196,7 @@ def test_evaluation_serves_a_quantized_base_by_hf_like_the_loop(tiny_model_path,
     with pytest.raises(ValueError, match="load_in_4bit"):
         evaluate(args)
     args.generate.generator_backend = "auto"
-    hf = object.__new__(evaluate_module.HFGenerator)
+    hf = object.__new__(evaluate_module.HFEngine)
     built = engine_module.build_engine("auto", args.model, hf, args.vllm, tiny_model_path, 8, 0)
     assert built is hf
 

@@ -3,11 +3,11 @@ from peft import LoraConfig, get_peft_model
 
 from seal.config import GenerateConfig
 from seal.data import load_passages
-from seal.generate import HFGenerator, Sampling, generate_self_edits, make_self_edits
+from seal.generate import HFEngine, Sampling, generate_self_edits, make_self_edits
 
 
 def test_hf_generator_counts_determinism_and_greedy(tiny_model, tokenizer):
-    gen = HFGenerator(tiny_model, tokenizer, batch_size=3)
+    gen = HFEngine(tiny_model, tokenizer, batch_size=3)
     prompts = ["Hello there", "A much longer prompt about something"]
     sampled = Sampling(n=2, temperature=1.0, top_p=0.9, max_new_tokens=6, seed=7)
     out = gen.generate(prompts, sampled)
@@ -20,14 +20,14 @@ def test_hf_generator_counts_determinism_and_greedy(tiny_model, tokenizer):
 
 
 def test_hf_generator_adapters(tiny_model, tokenizer):
-    gen = HFGenerator(tiny_model, tokenizer)
+    gen = HFEngine(tiny_model, tokenizer)
     with pytest.raises(ValueError, match="no PEFT adapters"):
         gen.generate(["x"], Sampling(max_new_tokens=2), adapter="adp")
     peft = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), "adp")
     for name, p in peft.named_parameters():
         if "lora_" in name:
             p.data.normal_(0, 2.0)  # a strong random adapter
-    gen = HFGenerator(peft, tokenizer)
+    gen = HFEngine(peft, tokenizer)
     with pytest.raises(KeyError, match="Unknown adapter 'b'"):
         gen.generate(["x"], Sampling(max_new_tokens=2), adapter="b")
     prompts = ["x", "Tell me about the town"]
@@ -35,8 +35,7 @@ def test_hf_generator_adapters(tiny_model, tokenizer):
     assert gen.generate(prompts, Sampling(max_new_tokens=8), adapter="adp") != base
     with peft.disable_adapter():
         assert (
-            HFGenerator(peft.base_model.model, tokenizer).generate(prompts, Sampling(max_new_tokens=8))
-            == base
+            HFEngine(peft.base_model.model, tokenizer).generate(prompts, Sampling(max_new_tokens=8)) == base
         )
 
 

@@ -14,7 +14,7 @@ from seal import multi_lora
 from seal import ttt as ttt_module
 from seal.config import RewardConfig, TTTConfig
 from seal.data import QA, Passage
-from seal.generate import HFGenerator, Sampling
+from seal.generate import HFEngine, Sampling
 from seal.generate.hf import stack_adapter
 from seal.graders import make_grader
 from seal.multi_lora import (
@@ -229,7 +229,7 @@ def test_stacked_generation_matches_each_adapter_loaded_in_peft(tokenizer, tmp_p
     model = wrap_for_adapters(build_tiny_model(tokenizer).double(), cfg)
     batched = BatchedTTT(model, tokenizer, cfg)
     batched.apply(JOBS, SEEDS)
-    generator = HFGenerator(model, tokenizer, batch_size=3, autocast_setting="none")
+    generator = HFEngine(model, tokenizer, batch_size=3, autocast_setting="none")
     generator.stack = batched.stack
     prompts = ["Zorvath was", "The capital of", "Mirelda", "x"]
     adapters = [stack_adapter(0), stack_adapter(2), stack_adapter(1), stack_adapter(0)]
@@ -250,7 +250,7 @@ def test_rewarder_scores_each_passage_with_its_own_adapter(tokenizer):
     model = wrap_for_adapters(build_tiny_model(tokenizer).double(), cfg)
     batched = BatchedTTT(model, tokenizer, cfg)
     batched.apply(JOBS[:2], SEEDS[:2])
-    generator = HFGenerator(model, tokenizer, autocast_setting="none")
+    generator = HFEngine(model, tokenizer, autocast_setting="none")
     generator.stack = batched.stack
     rewarder = Rewarder(generator, tokenizer, make_grader("contains"), RewardConfig(answer_max_new_tokens=4))
     passages = [

@@ -10,7 +10,7 @@ import pytest
 
 from seal.config import RewardConfig, TTTConfig
 from seal.data import QA, Passage
-from seal.generate import HFGenerator
+from seal.generate import HFEngine
 from seal.graders import make_grader
 from seal.inner_loop import InnerLoop, Job
 from seal.paths import HASH_CHARS, SLUG_CHARS, adapter_label, safe_name
@@ -118,7 +118,7 @@ def test_inner_loop_writes_adapters_only_under_the_run_dir(tokenizer, tmp_path, 
     )
     model = wrap_for_adapters(build_tiny_model(tokenizer), cfg)
     other = wrap_for_adapters(build_tiny_model(tokenizer, seed=1), cfg)  # not the TTT model: through disk
-    engine = HFGenerator(other, tokenizer)
+    engine = HFEngine(other, tokenizer)
     rewarder = Rewarder(engine, tokenizer, make_grader("contains"), RewardConfig(answer_max_new_tokens=2))
     loop = InnerLoop(model, tokenizer, cfg, rewarder, adapter_dir)
     assert not loop.shares_model

@@ -12,8 +12,8 @@ from tqdm.auto import tqdm
 import seal.generate.hf as hf_module
 import seal.generate.server as server_module
 from seal.evaluate import evaluate
-from seal.generate import HFGenerator, Sampling
-from seal.generate.server import ServerGenerator
+from seal.generate import HFEngine, Sampling
+from seal.generate.server import ServerEngine
 from seal.loop import run
 from tests.test_evaluate import eval_args
 from tests.test_loop import tiny_args
@@ -42,7 +42,7 @@ def test_hf_generate_shows_a_bar_that_moves_at_every_decoding_step(tiny_model, t
     moved by the batch's rows at each decoding step, and full when the call returns."""
     bars: list[tqdm] = []
     monkeypatch.setattr(hf_module, "tqdm", recording_tqdm(bars))
-    gen = HFGenerator(tiny_model, tokenizer, batch_size=4)  # bars are on by default
+    gen = HFEngine(tiny_model, tokenizer, batch_size=4)  # bars are on by default
     out = gen.generate(["Hello", "The sky is", "One two"], Sampling(n=2, max_new_tokens=6, temperature=1.0))
     assert [len(o) for o in out] == [2, 2, 2]
     (bar,) = bars
@@ -52,7 +52,7 @@ def test_hf_generate_shows_a_bar_that_moves_at_every_decoding_step(tiny_model, t
     assert bar.counts[:2] == [4, 8] and len(bar.counts) >= 6
 
     bars.clear()
-    quiet = HFGenerator(tiny_model, tokenizer, batch_size=4, progress=False)
+    quiet = HFEngine(tiny_model, tokenizer, batch_size=4, progress=False)
     quiet.generate(["Hello"], Sampling(max_new_tokens=3))
     assert [b.disable for b in bars] == [True]
 
@@ -60,7 +60,7 @@ def test_hf_generate_shows_a_bar_that_moves_at_every_decoding_step(tiny_model, t
 def test_vllm_generate_asks_vllm_for_its_bar(monkeypatch):
     """The vLLM backend passes `use_tqdm` a tqdm.auto factory (vLLM makes and updates the bar itself)."""
     pytest.importorskip("vllm")
-    from seal.generate.vllm_backend import VLLMGenerator
+    from seal.generate.vllm_backend import VLLMEngine
 
     calls = []
 
@@ -74,7 +74,7 @@ def test_vllm_generate_asks_vllm_for_its_bar(monkeypatch):
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [1, 2]}
 
-    gen = object.__new__(VLLMGenerator)
+    gen = object.__new__(VLLMEngine)
     gen.llm, gen.tokenizer, gen._adapters, gen.progress = FakeLLM(), FakeTokenizer(), {}, True
     assert gen.generate(["a", "b"], Sampling(n=2, temperature=1.0)) == [["x", "x"], ["x", "x"]]
     (use_tqdm,) = calls
@@ -89,7 +89,7 @@ def test_vllm_generate_asks_vllm_for_its_bar(monkeypatch):
 def test_server_generate_counts_finished_requests(monkeypatch):
     bars: list[tqdm] = []
     monkeypatch.setattr(server_module, "tqdm", recording_tqdm(bars))
-    gen = ServerGenerator("http://127.0.0.1:9", model="base")  # an explicit model: no request at start
+    gen = ServerEngine("http://127.0.0.1:9", model="base")  # an explicit model: no request at start
     monkeypatch.setattr(gen, "_complete", lambda payload: [payload["prompt"]] * payload["n"])
     assert gen.generate(["a", "b", "c"], Sampling(n=2)) == [["a", "a"], ["b", "b"], ["c", "c"]]
     (bar,) = bars

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from seal.generate.base import Sampling
-from seal.generate.server import ServerGenerator
+from seal.generate.server import ServerEngine
 from seal.graders import JudgeError
 from seal.http import EndpointError, JSONClient, redact_url
 from seal.utils import task_seed
@@ -118,10 +118,10 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[Fake]:
         yield state
 
 
-def _gen(url: str, **kwargs: Any) -> ServerGenerator:
+def _gen(url: str, **kwargs: Any) -> ServerEngine:
     params: dict[str, Any] = {"timeout": 5.0, "backoff": 0.001, "max_workers": 4}
     params.update(kwargs)
-    return ServerGenerator(url, **params)
+    return ServerEngine(url, **params)
 
 
 def _adapter_dir(root: Path, name: str = "ttt") -> str:
@@ -230,7 +230,7 @@ def test_judge_error_is_an_endpoint_error() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# ServerGenerator against the fake server
+# ServerEngine against the fake server
 # --------------------------------------------------------------------------------------------
 
 
@@ -466,11 +466,11 @@ def test_key_sent_never_leaked(fake: Fake, tmp_path: Path, monkeypatch: pytest.M
 
 def test_constructor_checks() -> None:
     with pytest.raises(ValueError):
-        ServerGenerator("", model="m")
+        ServerEngine("", model="m")
     with pytest.raises(ValueError):
-        ServerGenerator("http://127.0.0.1:1", model="m", max_workers=0)
+        ServerEngine("http://127.0.0.1:1", model="m", max_workers=0)
     with pytest.raises(EndpointError, match="connection error"):
-        ServerGenerator(f"http://127.0.0.1:{_free_port()}", max_retries=0, timeout=1.0)
+        ServerEngine(f"http://127.0.0.1:{_free_port()}", max_retries=0, timeout=1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -556,7 +556,7 @@ def _random_adapter(embedded_path: str, path: Path) -> str:
 
 @pytest.mark.slow
 def test_real_vllm_server(vllm_server: str, embedded_path: str, tmp_path: Path) -> None:
-    gen = ServerGenerator(vllm_server, timeout=120.0, max_retries=1)
+    gen = ServerEngine(vllm_server, timeout=120.0, max_retries=1)
     assert gen.model == embedded_path
     prompt = "The capital of France is"
     greedy = Sampling(max_new_tokens=12)
@@ -630,5 +630,5 @@ def test_loop_through_a_real_vllm_server(vllm_server: str, tmp_path: Path, monke
     from tests.test_loop import run_two_rounds_on_engine
 
     run_two_rounds_on_engine(
-        ServerGenerator, tmp_path / "run", monkeypatch, vllm_server_url=vllm_server, ttt_model="base"
+        ServerEngine, tmp_path / "run", monkeypatch, vllm_server_url=vllm_server, ttt_model="base"
     )

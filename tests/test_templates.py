@@ -2,7 +2,14 @@ import pytest
 
 from seal.config import GenerateConfig
 from seal.data import QA, Passage
-from seal.templates import TEMPLATES, build_prompt, get_template, parse_items, render_chat, training_examples
+from seal.templates import (
+    BUILTIN_TEMPLATES,
+    build_prompt,
+    get_template,
+    parse_items,
+    render_chat,
+    training_examples,
+)
 
 PASSAGE = Passage("p", "Zorvath", "Zorvath is a town founded in 1820.", [QA("When?", ["1820"])])
 
@@ -44,7 +51,7 @@ def test_unknown_parser():
 
 def test_training_examples_options():
     completion = "1. Zorvath is old.\n2. Zorvath had a founding."
-    template = TEMPLATES["implications"]
+    template = BUILTIN_TEMPLATES["implications"]
     ex = training_examples(completion, PASSAGE, template, GenerateConfig(include_passage=False))
     assert [e.text for e in ex] == ["Zorvath\nZorvath is old.", "Zorvath\nZorvath had a founding."]
     ex = training_examples(
@@ -70,7 +77,7 @@ def test_builtin_and_custom_templates():
         get_template(GenerateConfig(template="custom", custom_template="no placeholder"))
     with pytest.raises(ValueError, match="custom_parser"):
         get_template(GenerateConfig(template="custom", custom_template="{context}", custom_parser="x"))
-    with pytest.raises(ValueError, match="Unknown template"):
+    with pytest.raises(ValueError, match="template must be one of"):
         get_template(GenerateConfig(template="nope"))
 
 

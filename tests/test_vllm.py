@@ -15,10 +15,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def engine(embedded_path, tokenizer):
-    from seal.generate.vllm_backend import EngineSettings, VLLMGenerator
+    from seal.generate.vllm_backend import EngineSettings, VLLMEngine
 
     # float32 like the HF side, so the adapters behave the same in both
-    generator = VLLMGenerator(
+    generator = VLLMEngine(
         EngineSettings(
             model=embedded_path, max_lora_rank=32, max_loras=4, max_model_len=1024, dtype="float32"
         ),
@@ -101,10 +101,10 @@ def test_bad_adapter_is_refused_at_once(engine, tmp_path, passage_adapters):
 
 
 def test_loop_on_vllm_samples_round_two_from_the_updated_generator(embedded_path, tmp_path, monkeypatch):
-    from seal.generate.vllm_backend import VLLMGenerator
+    from seal.generate.vllm_backend import VLLMEngine
     from tests.test_loop import run_two_rounds_on_engine
 
-    run_two_rounds_on_engine(VLLMGenerator, tmp_path / "run", monkeypatch, vllm_dtype="bfloat16")
+    run_two_rounds_on_engine(VLLMEngine, tmp_path / "run", monkeypatch, vllm_dtype="bfloat16")
     assert not list((tmp_path / "run" / "round_0" / "adapters").glob("*"))  # temporary adapters cleaned up
 
 

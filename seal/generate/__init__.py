@@ -2,14 +2,14 @@
 
 import logging
 
-from seal.generate.base import Generator, Sampling
-from seal.generate.hf import HFGenerator
+from seal.generate.base import Engine, Sampling
+from seal.generate.hf import HFEngine
 from seal.generate.self_edits import SelfEdit, generate_self_edits, make_self_edits
 from seal.generate.vllm_backend import vllm_available
 
 __all__ = [
-    "Generator",
-    "HFGenerator",
+    "Engine",
+    "HFEngine",
     "Sampling",
     "SelfEdit",
     "generate_self_edits",

@@ -1,10 +1,11 @@
-"""The generator interface every backend implements (HF transformers now; vLLM plugs in the same way)."""
+"""The engine contract every backend implements (HF transformers, vLLM offline, a running vLLM server)."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -22,14 +23,50 @@ class Sampling:
         return self.temperature <= 0.0
 
 
-class Generator(Protocol):
-    """Completes already-rendered prompts, optionally through a named LoRA adapter the backend knows."""
+class Engine(ABC):
+    """What samples self-edits and answers questions: completes already-rendered prompts, each through a
+    LoRA adapter the engine serves (by the name `add_adapter` returned) or through the bare weights (None).
 
+    Every backend implements the three abstract methods; the others default to what a backend with nothing
+    to do there does (no live TTT weights to serve, nothing to free or to shut down).
+    """
+
+    @abstractmethod
     def generate(
-        self, prompts: Sequence[str], sampling: Sampling, adapter: str | None = None
+        self, prompts: Sequence[str], sampling: Sampling, adapter: str | None | Sequence[str | None] = None
     ) -> list[list[str]]:
-        """Return `sampling.n` completions per prompt (new text only, special tokens removed)."""
-        ...
+        """Return `sampling.n` completions per prompt (new text only, special tokens removed); `adapter`: one
+        name for every prompt, or one per prompt."""
+
+    @abstractmethod
+    def add_adapter(self, path: str, name: str | None = None) -> str:
+        """Serve the PEFT adapter directory `path`; return the name to ask for it by, fresh for every call
+        (an engine caches adapters by name, so new weights never reuse one)."""
+
+    @abstractmethod
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving an adapter `add_adapter` returned."""
+
+    def serves_live(self, model: Any) -> bool:
+        """True when the engine generates with `model` itself, so freshly trained adapters need no export."""
+        return False
+
+    def serve_stack(self, stack: Any) -> None:
+        """Answer the names ``stack:<k>`` with the stacked TTT adapters of `stack` (engines that serve live
+        weights only)."""
+        raise NotImplementedError(f"{type(self).__name__} does not serve stacked adapters from memory")
+
+    def sleep(self) -> None:
+        """Free accelerator memory for a training phase."""
+        return None  # nothing to do by default
+
+    def wake_up(self) -> None:
+        """Undo `sleep`."""
+        return None  # nothing to do by default
+
+    def close(self) -> None:
+        """Release the engine's processes and memory; it is not used afterwards."""
+        return None  # nothing to do by default
 
 
 def per_prompt_adapters(adapter: str | None | Sequence[str | None], n: int) -> list[str | None]:

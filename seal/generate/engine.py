@@ -15,21 +15,17 @@ from trl import ModelConfig
 
 from seal.config import VLLMConfig
 from seal.generate import select_backend
-from seal.generate.hf import HFGenerator
+from seal.generate.hf import HFEngine
+from seal.generate.server import ServerEngine
+from seal.generate.vllm_backend import EngineSettings, VLLMEngine
 
 
 def engine_backend(requested: str, model: ModelConfig) -> str:
     """hf or vllm for `generator_backend: requested`. A quantized (QLoRA) base is served by HF, which runs
-    the 4-bit weights TTT trains on; `auto` picks it, an explicit `vllm` is refused."""
-    backend = select_backend(requested)
+    the 4-bit weights TTT trains on (an explicit `vllm` with it is refused by `seal.config.check_backend`)."""
     if model.load_in_4bit or model.load_in_8bit:
-        if requested == "vllm":
-            raise ValueError(
-                "generator_backend: vllm cannot serve the bitsandbytes-quantized base that TTT trains on "
-                "(load_in_4bit / load_in_8bit): use generator_backend: hf (or auto)"
-            )
         return "hf"
-    return backend
+    return select_backend(requested)
 
 
 def adapter_rank(path: str | Path) -> int:
@@ -49,12 +45,8 @@ def vllm_engine(
     With `vllm_server_url` it is a running `vllm serve` instead, which must serve the same base model, have
     LoRA enabled with a large enough --max-lora-rank, and read adapters from this machine's file system.
     """
-    from seal.generate.vllm_backend import EngineSettings, VLLMGenerator
-
     if vllm.vllm_server_url:
-        from seal.generate.server import ServerGenerator
-
-        return ServerGenerator(vllm.vllm_server_url)
+        return ServerEngine(vllm.vllm_server_url)
 
     settings = EngineSettings(
         model=model_path,
@@ -66,13 +58,13 @@ def vllm_engine(
         seed=seed,
         enable_sleep_mode=vllm.vllm_enable_sleep_mode,
     )
-    return VLLMGenerator(settings, tokenizer)
+    return VLLMEngine(settings, tokenizer)
 
 
 def build_engine(
     requested: str,
     model: ModelConfig,
-    hf: HFGenerator,
+    hf: HFEngine,
     vllm: VLLMConfig,
     model_path: str,
     max_lora_rank: int,

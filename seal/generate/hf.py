@@ -1,4 +1,4 @@
-"""Generator backend on `transformers` `generate`: batched, left-padded, adapters switched in place."""
+"""The engine on `transformers` `generate`: batched, left-padded, adapters switched in place."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
-from seal.generate.base import Sampling, per_prompt_adapters
+from seal.generate.base import Engine, Sampling, per_prompt_adapters
 from seal.multi_lora import StackedLoRA
 from seal.paths import adapter_label
 from seal.utils import autocast, autocast_dtype, frozen_linears_in, model_device
@@ -20,7 +20,7 @@ STACK_PREFIX = "stack:"
 
 
 def stack_adapter(k: int) -> str:
-    """The adapter name under which HFGenerator serves adapter k of its attached StackedLoRA."""
+    """The adapter name under which HFEngine serves adapter k of its attached StackedLoRA."""
     return f"{STACK_PREFIX}{k}"
 
 
@@ -42,7 +42,7 @@ class DecodeSteps(BaseStreamer):
         pass
 
 
-class HFGenerator:
+class HFEngine(Engine):
     """Samples with an in-memory model; `adapter` names one of its PEFT adapters (None = the bare base).
 
     `progress`: every `generate` call shows a tqdm bar of its token budget (rows x max_new_tokens), moved at
@@ -65,7 +65,7 @@ class HFGenerator:
         self.autocast_setting = autocast_setting
         self.progress = progress
         self._loaded = 0  # adapters loaded from disk so far (for fresh names)
-        self.stack: StackedLoRA | None = None  # stacked TTT adapters, addressed as `stack:<k>`
+        self._stack: StackedLoRA | None = None  # stacked TTT adapters, addressed as `stack:<k>`
 
     def add_adapter(self, path: str, name: str | None = None) -> str:
         """Load a PEFT adapter directory beside the others; returns its (fresh) name, `name` (default: the
@@ -79,6 +79,12 @@ class HFGenerator:
 
     def remove_adapter(self, name: str) -> None:
         self.model.delete_adapter(name)
+
+    def serves_live(self, model: PreTrainedModel | PeftModel) -> bool:
+        return self.model is model
+
+    def serve_stack(self, stack: StackedLoRA) -> None:
+        self._stack = stack
 
     def _adapter_context(self, adapter: str | None) -> contextlib.AbstractContextManager:
         if not isinstance(self.model, PeftModel):
@@ -126,7 +132,7 @@ class HFGenerator:
     ) -> list[list[str]]:
         """Prompts of stacked adapters, grouped per adapter and generated together, each row routed to its
         adapter (``route(row_group=...)``): as many rows as prompts, however unevenly they are shared."""
-        if self.stack is None:
+        if self._stack is None:
             raise ValueError(f"Adapter '{adapters[0]}' requested but no stacked adapters are attached")
         slots = [int(a.removeprefix(STACK_PREFIX)) for a in adapters]
         by_slot = {s: [i for i, x in enumerate(slots) if x == s] for s in dict.fromkeys(slots)}
@@ -147,7 +153,7 @@ class HFGenerator:
                     [g for g, (_, idx) in enumerate(chunk) for _ in idx for _ in range(sampling.n)],
                     device=device,
                 )
-                with self.stack.route([s for s, _ in chunk], row_group=row_group):
+                with self._stack.route([s for s, _ in chunk], row_group=row_group):
                     outs = self._generate_batches(rows, sampling, len(rows), bar)
                 for j, i in enumerate(order):
                     results[i] = outs[j * sampling.n : (j + 1) * sampling.n]

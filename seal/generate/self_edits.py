@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from seal.config import GenerateConfig
 from seal.data import DataValidationError, Passage
-from seal.generate.base import Generator, Sampling
+from seal.generate.base import Engine, Sampling
 from seal.templates import (
     TrainExample,
     build_prompt,
@@ -60,7 +60,7 @@ def make_self_edits(passage: Passage, completions: Sequence[str], cfg: GenerateC
 
 
 def generate_self_edits(
-    generator: Generator,
+    generator: Engine,
     tokenizer: PreTrainedTokenizerBase,
     passages: Sequence[Passage],
     cfg: GenerateConfig,

@@ -1,4 +1,4 @@
-"""Generator backend on an already running OpenAI-compatible ``vllm serve``, with LoRA adapters loaded at run
+"""The engine on an already running OpenAI-compatible ``vllm serve``, with LoRA adapters loaded at run
 time (server mode: keep vLLM on one GPU, train on another).
 
 The server must be started with ``--enable-lora`` (and ``--max-lora-rank`` >= the adapters' rank) and the
@@ -21,14 +21,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from seal.generate.base import Sampling, per_prompt_adapters
+from seal.generate.base import Engine, Sampling, per_prompt_adapters
 from seal.http import EndpointError, JSONClient, redact_url
 from seal.paths import adapter_label
 from seal.utils import task_seed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ServerGenerator"]
+__all__ = ["ServerEngine"]
 
 # Statuses worth retrying for adapter loads: a 500 from /v1/load_lora_adapter means the adapter itself failed
 # to load (bad config, wrong rank, corrupt weights), so it is reported at once instead of retried.
@@ -60,7 +60,7 @@ def _is_route_missing(error: EndpointError) -> bool:
         return False
 
 
-class ServerGenerator:
+class ServerEngine(Engine):
     """Samples from a running vLLM OpenAI-compatible server; adapters are registered under fresh names.
 
     ``base_url`` is the server root (``http://127.0.0.1:8000``; a trailing ``/v1`` is accepted too).
@@ -116,7 +116,7 @@ class ServerGenerator:
 
     def __repr__(self) -> str:
         return (
-            f"ServerGenerator(base_url={redact_url(self.client.base_url)!r}, model={self.model!r}, "
+            f"ServerEngine(base_url={redact_url(self.client.base_url)!r}, model={self.model!r}, "
             f"api_key_env={self.client.api_key_env!r}, max_workers={self.max_workers})"
         )
 
@@ -276,9 +276,3 @@ class ServerGenerator:
             bar.close()
             executor.shutdown(wait=True, cancel_futures=True)
         return results
-
-    def sleep(self) -> None:
-        """No-op: the server manages its own memory (interface parity with the offline vLLM backend)."""
-
-    def wake_up(self) -> None:
-        """No-op, see :meth:`sleep`."""

