@@ -60,16 +60,8 @@ import seal.ttt
 from seal.generate import SelfEdit
 from seal.models import load_model, load_tokenizer, resolve_model_path
 from seal.multi_lora import StackedLoRA, find_targets
-from seal.ttt import (
-    ADAPTER,
-    IGNORE_INDEX,
-    BatchedTTT,
-    collate,
-    lr_factor,
-    training_sequences,
-    ttt_lora_config,
-    wrap_for_adapters,
-)
+from seal.sequences import collate, training_sequences
+from seal.ttt import ADAPTER, IGNORE_INDEX, BatchedTTT, lr_factor, ttt_lora_config, wrap_for_adapters
 from seal.utils import task_seed, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

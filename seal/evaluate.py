@@ -26,19 +26,20 @@ from accelerate import PartialState
 from seal.config import EvalArgs, EvalCondition, EvalConfig, choices
 from seal.data import DataValidationError, Passage, context_key, load_passages
 from seal.generate import HFEngine, SelfEdit, generate_self_edits, make_self_edits
-from seal.generate.engine import adapter_rank, build_engine
+from seal.generate.engine import adapter_rank
 from seal.generate.self_edits import check_prompt_lengths, self_edit_data
 from seal.graders import Grader
-from seal.inner_loop import InnerLoop, Job
+from seal.inner_loop import Job
 from seal.journal import Journal
-from seal.models import load_model, load_tokenizer, quantization_config, resolve_model_path
+from seal.models import load_model, load_tokenizer, resolve_model_path
 from seal.report import bar_chart, markdown_results, markdown_timing
-from seal.reward import Rewarder, build_grader
+from seal.runtime import Runtime
+from seal.sequences import check_overlong, check_passages_fit
 from seal.stats import bootstrap_ci, paired_difference
 from seal.templates import passage_examples
-from seal.ttt import check_overlong, check_passages_fit, wrap_for_adapters
+from seal.update import Update
 from seal.utils import atomic_write, read_jsonl, setup_logging, task_seed, write_json, write_jsonl
-from seal.weights import MERGED, adopt_weights, merged_update
+from seal.weights import MERGED, merged_update
 
 logger = logging.getLogger("seal")
 
@@ -146,30 +147,13 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
     if {"base_generator", "trained_generator"} & set(conditions):  # self-edits are sampled: before models
         check_prompt_lengths(passages, tokenizer, gen, args.vllm.vllm_max_model_len)
     check_passages_fit(passages, tokenizer, args.ttt, gen, gen.include_passage or "passage" in conditions)
-    model = wrap_for_adapters(
-        load_model(
-            base_path,
-            args.model.dtype,
-            args.model.model_revision,
-            quantization_config=quantization_config(args.model),
-        ),
-        args.ttt,
-    )
-    hf = HFEngine(model, tokenizer, gen.generation_batch_size, args.ttt.ttt_autocast)
-    engine = build_engine(
-        gen.generator_backend,
-        args.model,
-        hf,
-        args.vllm,
-        base_path,
-        serving_rank(args, conditions),
-        cfg.eval_seed,
-    )
-    graders = {
-        g: build_grader(dataclasses.replace(args.reward, reward_grader=g), engine, tokenizer)
-        for g in cfg.eval_graders
-    }
-    rewarder = Rewarder(engine, tokenizer, graders[cfg.eval_graders[0]], args.reward, gen.use_chat_template)
+    rt = Runtime.load(
+        base_path, tokenizer, args.model, gen, args.ttt, args.reward, args.vllm,
+        serving_rank(args, conditions), cfg.eval_seed,
+    )  # fmt: skip
+    graders = {g: rt.grader(g) for g in cfg.eval_graders}
+    rewarder = rt.rewarder(cfg.eval_graders[0])
+    engine = rt.engine
 
     # Self-edits per condition: sampled once (saved, reused on resume) or read from files.
     edits: dict[str, dict[str, list[SelfEdit]]] = {}
@@ -235,17 +219,13 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
     # TTT on the base first; then (ttt_model: generator) the trained generator's self-edits on its own weights
     first = [j for j in pending if j.name not in on_trained]
     if first:
-        InnerLoop(model, tokenizer, args.ttt, rewarder, out / "adapters").run(first, finished)
+        rt.inner_loop(out / "adapters", cfg.eval_graders[0]).run(first, finished)
     if "trained_base" in conditions and (journal.get("trained_base") is None or len(first) < len(pending)):
         path = Path(args.eval.eval_generator)
         if (path / "adapter_config.json").is_file():
-            path = merged_update(
-                {"kind": "adapter", "path": str(path)}, base_path, args.model.dtype, out / MERGED
-            )
-        engine = adopt_weights(
-            path, model, engine, hf, args.vllm, tokenizer, serving_rank(args, conditions), cfg.eval_seed
-        )
-        rewarder = Rewarder(engine, tokenizer, rewarder.grader, args.reward, gen.use_chat_template)
+            path = merged_update(Update("adapter", str(path)), base_path, args.model.dtype, out / MERGED)
+        rt.adopt(path)
+        rewarder = rt.rewarder(cfg.eval_graders[0])
         if journal.get("trained_base") is None:
             start = time.monotonic()
             scores = rewarder.score(passages, adapter=None)
@@ -256,8 +236,8 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
             )
         second = [j for j in pending if j.name in on_trained]
         if second:
-            InnerLoop(model, tokenizer, args.ttt, rewarder, out / "adapters").run(second, finished)
-    engine.close()
+            rt.inner_loop(out / "adapters", cfg.eval_graders[0]).run(second, finished)
+    rt.close()
 
     records = graded_answers(passages, conditions, journal, graders, cfg)
     results = summarize(records, passages, conditions, cfg, measured_minutes(journal, keys, sampled))

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
+from importlib import resources
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from peft import PeftConfig
 from seal.config import HubConfig, SealArgs, is_secret
 from seal.models import DEFAULT_MODEL, EMBEDDED_PREFIX
 from seal.report import markdown_rows
-from seal.update import finished_update
+from seal.update import Update, finished_update
 from seal.utils import read_jsonl
 
 logger = logging.getLogger("seal.hub")
@@ -85,7 +86,7 @@ class Run:
     summaries: list[dict[str, Any]]
     rounds: list[Path]
     update_round: int
-    update: dict[str, Any]
+    update: Update
 
     @property
     def generator(self) -> Path:
@@ -286,12 +287,17 @@ def eval_markdown(eval_dir: Path, generator: Path) -> str:
     return "\n\n".join([*lines, results])
 
 
+def asset(name: str) -> Path:
+    """A file of seal/assets (the card templates)."""
+    return Path(str(resources.files("seal").joinpath("assets", name)))
+
+
 def model_card(run: Run, args: SealArgs, eval_dir: Path | None, dataset_id: str | None):
     """The model card (huggingface_hub.ModelCard): metadata, description, recipe, rounds, evaluation, data."""
     model_name = run.section("model").get("model_name_or_path") or DEFAULT_MODEL
     base_id = base_hub_id(model_name, args.hub)
     known = _known_base(model_name)
-    adapter = run.update["kind"] == "adapter"
+    adapter = run.update.kind == "adapter"
     data = ModelCardData(
         base_model=base_id,
         library_name="peft" if adapter else "transformers",
@@ -300,61 +306,31 @@ def model_card(run: Run, args: SealArgs, eval_dir: Path | None, dataset_id: str 
         tags=["seal", "rest-em", "self-edits", *(["lora", "peft"] if adapter else [])],
         datasets=[dataset_id] if dataset_id else None,
     )
-    repo = args.sft.hub_model_id
     base_text = f"`{base_id}`" if base_id else "its base model"
     if known:
         base_text += f" ({known.provenance})"
-    load = (
-        "from peft import PeftModel\n"
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'base = AutoModelForCausalLM.from_pretrained("{base_id or "BASE_MODEL"}")\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{base_id or "BASE_MODEL"}")\n'
-        f'generator = PeftModel.from_pretrained(base, "{repo}")'
-        if adapter
-        else "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'generator = AutoModelForCausalLM.from_pretrained("{repo}")\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo}")'
-    )
-    n_rounds, r = len(run.summaries), run.update_round
-    kept = run.update.get("num_examples")  # written by seal.update; older runs: the round's summary
+    kept = run.update.num_examples  # written by seal.update; older runs: the round's summary
     if kept is None:
-        kept = next((s.get("kept") for s in run.summaries if s.get("round") == r), None)
-    data_text = (
-        f"The self-edits of every round, with their rewards and kept flags, are the dataset `{dataset_id}`."
-        if dataset_id
-        else "The self-edits were not pushed; they are in the run directory's round_<r>/self_edits.jsonl."
+        kept = next((s.get("kept") for s in run.summaries if s.get("round") == run.update_round), None)
+    return ModelCard.from_template(
+        data,
+        template_path=str(asset("model_card.md.j2")),
+        repo=args.sft.hub_model_id,
+        repo_name=args.sft.hub_model_id.split("/")[-1],
+        paper=PAPER,
+        template=run.section("generate").get("template"),
+        adapter=adapter,
+        base_id=base_id,
+        base_text=base_text,
+        round=run.update_round,
+        n_rounds=len(run.summaries),
+        recipe=recipe_markdown(run, base_id or model_name),
+        rounds=markdown_rows(run.summaries),
+        evaluation=eval_markdown(eval_dir, run.generator) if eval_dir is not None else None,
+        kept=_fmt(kept),
+        dataset_id=dataset_id,
+        dataset_name=run.section("data").get("dataset_name"),
     )
-    sections = [
-        f"# {repo.split('/')[-1]}",
-        f"A **self-edit generator** trained with SEAL ([Self-Adapting Language Models]({PAPER}), "
-        "Zweiger et al. 2025) by the `seal` framework: given a passage, it writes *self-edits* (here: "
-        f"{run.section('generate').get('template')}) whose fine-tuning teaches a model the passage. "
-        + (f"A LoRA adapter (PEFT) for {base_text}" if adapter else f"Full weights tuned from {base_text}")
-        + f", the ReST-EM update of round {r} ({n_rounds} round(s) in the run).",
-        "## Use\n\n```python\n"
-        + load
-        + "\n```\n\nPrompt it with the recipe's self-edit template"
-        + (" (the dataset's `prompt` column)" if dataset_id else "")
-        + ", in the base model's chat format.",
-        "## Training recipe\n\n" + recipe_markdown(run, base_id or model_name),
-        "## Rounds\n\n"
-        + markdown_rows(run.summaries)
-        + "\n\n`base_acc`: the base model's no-context accuracy; `mean_adapted_acc`: after TTT on a "
-        "self-edit; `best_of_k_acc`: the best self-edit's per passage; `mean_reward`: adapted minus base; "
-        "`kept`: the self-edits the generator was trained on.",
-    ]
-    if eval_dir is not None:
-        sections.append("## Evaluation\n\n" + eval_markdown(eval_dir, run.generator))
-    sections.append(
-        "## Training data\n\n"
-        f"Round {r}'s update trained on {_fmt(kept)} (prompt, self-edit) pairs: the self-edits with the "
-        f"highest rewards among those sampled in round {r} (from "
-        + ("the base model" if r == 0 else f"round {r - 1}'s generator")
-        + f") for the passages of `{run.section('data').get('dataset_name')}`. {data_text}"
-    )
-    sections.append(f"## Licence\n\n`{data.license}`, the base model's licence.")
-    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
-    return ModelCard(content)
 
 
 def self_edit_rows(run: Run) -> list[dict[str, Any]]:
@@ -396,30 +372,17 @@ def dataset_card(run: Run, args: SealArgs, model_id: str, n_rows: int):
         if data_name in (None, "sample")
         else f"`{data_name}`"
     )
-    sections = [
-        f"# SEAL self-edits for {model_id}",
-        f"Every self-edit sampled during a SEAL ([Self-Adapting Language Models]({PAPER})) ReST-EM run "
-        f"of the `seal` framework, with the reward it earned: {n_rows} rows over {len(run.rounds)} "
-        f"round(s). The passages are {source}; the generator trained on them is `{model_id}`.",
-        "## Load\n\n```python\nfrom datasets import load_dataset\n\n"
-        f'rows = load_dataset("{dataset_repo_id(args)}", split="train")\n'
-        'trained = rows.filter(lambda row: row["trained"])  # what the update trained on\n```',
-        "## Columns\n\n"
-        "- `round`: ReST-EM round; `passage_id`, `index`: passage and self-edit number\n"
-        "- `prompt`, `completion`: the generator's prompt and its self-edit\n"
-        "- `examples`: the training sequences parsed from the self-edit (TTT data); `status`: `ok` or why "
-        "it could not be parsed (reward 0)\n"
-        "- `adapted_accuracy`: accuracy after TTT on the self-edit (mean over repeats); `base_accuracy`: the "
-        "base model's; `reward`: the recipe's reward\n"
-        "- `answers`, `final_loss`: per TTT repeat, the answers to the passage's questions and the last "
-        "training loss\n"
-        "- `kept`: selected by the filter; `trained`: trained on by the update (the kept rows, unless a "
-        "person's review changed them)",
-        "## Rounds\n\n" + markdown_rows(run.summaries),
-        f"## Licence\n\n`{license_id}`: the licence of the passages the self-edits were written from.",
-    ]
-    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
-    return DatasetCard(content)
+    return DatasetCard.from_template(
+        data,
+        template_path=str(asset("dataset_card.md.j2")),
+        model_id=model_id,
+        paper=PAPER,
+        n_rows=n_rows,
+        n_rounds=len(run.rounds),
+        source=source,
+        dataset_id=dataset_repo_id(args),
+        rounds=markdown_rows(run.summaries),
+    )
 
 
 def build_model_folder(
@@ -430,7 +393,7 @@ def build_model_folder(
     src = run.generator
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    if run.update["kind"] == "adapter":
+    if run.update.kind == "adapter":
         weights = src / "adapter_model.safetensors"
         if not weights.is_file():
             raise FileNotFoundError(f"{weights} does not exist: only safetensors adapters are pushed")

@@ -24,10 +24,11 @@ from transformers import PreTrainedTokenizerBase
 from seal.config import TTTConfig
 from seal.data import Passage
 from seal.generate.hf import stack_adapter
+from seal.memory import parallel_adapters, tokens_per_step
 from seal.paths import safe_name
 from seal.reward import PassageScore, Rewarder
 from seal.templates import TrainExample
-from seal.ttt import TTT, BatchedTTT, parallel_adapters, tokens_per_step
+from seal.ttt import TTT, BatchedTTT
 
 logger = logging.getLogger("seal")
 

@@ -35,22 +35,23 @@ from seal.data import Passage, load_passages
 from seal.describe import describe_rows
 from seal.filter import passages_without_kept, select
 from seal.generate import HFEngine, SelfEdit, generate_self_edits
-from seal.generate.engine import build_engine, engine_backend, vllm_engine
+from seal.generate.engine import engine_backend, vllm_engine
 from seal.generate.self_edits import check_prompt_lengths
 from seal.heldout import HeldOut, load_heldout
 from seal.hub import HUB_RESUMABLE, check_hub_args, push
-from seal.inner_loop import InnerLoop, Job
+from seal.inner_loop import Job
 from seal.journal import Journal
-from seal.models import load_model, load_tokenizer, quantization_config, resolve_model_path
+from seal.models import load_model, load_tokenizer, resolve_model_path
 from seal.report import markdown_rows
 from seal.review import review_round
-from seal.reward import PassageScore, Rewarder, build_grader, reward
+from seal.reward import PassageScore, reward
+from seal.runtime import Runtime
+from seal.sequences import check_overlong, check_passages_fit
 from seal.templates import passage_examples
 from seal.tracking import RoundTracker
-from seal.ttt import check_overlong, check_passages_fit, wrap_for_adapters
-from seal.update import finished_update, update_generator
+from seal.update import Update, finished_update, update_generator
 from seal.utils import atomic_write, read_jsonl, setup_logging, task_seed, write_json, write_jsonl
-from seal.weights import adopt_weights, merged_update
+from seal.weights import merged_update
 
 logger = logging.getLogger("seal")
 
@@ -109,11 +110,9 @@ def run(
     the samples do not depend on N) and every process trains and rewards its shard of them; the results are
     gathered, so all processes filter the same rows, and the update is TRL's distributed SFT.
     """
-    state = PartialState()
-    rank, world, main = state.process_index, state.num_processes, state.is_main_process
     check_args(args)
-    seed = args.sft.seed
-    passages: list[Passage] = load_passages(  # validated before any model is loaded
+    state = PartialState()
+    passages = load_passages(  # validated before any model is loaded
         args.data.dataset_name,
         split=args.data.dataset_split,
         config=args.data.dataset_config,
@@ -121,259 +120,46 @@ def run(
         max_questions=args.data.max_questions_per_passage,
     )
     heldout_sets = load_heldout(args.heldout, passages)  # validated, and refused if trained on
-    run_dir = setup_run_dir(args, main)
+    run_dir = setup_run_dir(args, state.is_main_process)
     state.wait_for_everyone()
-    setup_logging(run_dir, rank)
+    setup_logging(run_dir, state.process_index)
     logger.info(
         "run dir %s: %d passages, %d rounds, %d process(es)",
-        *(run_dir, len(passages), args.loop.num_rounds, world),
+        *(run_dir, len(passages), args.loop.num_rounds, state.num_processes),
     )
-    tracker = RoundTracker.for_run(run_dir, args.sft) if main else None  # report_to, and rounds.png
+    tracker = RoundTracker.for_run(run_dir, args.sft) if state.is_main_process else None  # + rounds.png
+    rt = load_runtime(args, state, passages, [p for ps in heldout_sets.values() for p in ps])
+    rounds = Rounds(args, rt, passages, heldout_sets, run_dir, state, tracker, on_evaluation)
 
-    # One base model for the whole run: TTT adapters come and go on it; the generator is it (+ an adapter).
-    with state.main_process_first():  # the embedded model is converted (once) by the main process
-        base_path = resolve_model_path(args.model.model_name_or_path, args.loop.model_cache_dir)
-    tokenizer = load_tokenizer(base_path, revision=args.model.model_revision)
-    heldout_passages = [p for ps in heldout_sets.values() for p in ps]
-    check_prompt_lengths(  # before models
-        [*passages, *heldout_passages], tokenizer, args.generate, args.vllm.vllm_max_model_len
-    )
-    check_passages_fit(passages, tokenizer, args.ttt, args.generate)  # ttt_overlong: error
-    model = wrap_for_adapters(
-        load_model(
-            base_path,
-            args.model.dtype,
-            args.model.model_revision,
-            args.model.attn_implementation,
-            quantization_config(args.model),
-        ),
-        args.ttt,
-    )
-    hf = HFEngine(model, tokenizer, args.generate.generation_batch_size, args.ttt.ttt_autocast)
-    # The engine samples self-edits and answers questions: vLLM (adapters through LoRARequest) or HF itself.
-    engine = build_engine(
-        args.generate.generator_backend, args.model, hf, args.vllm, base_path, lora_rank(args), args.sft.seed
-    )
-    judge, judge_tokenizer = engine, tokenizer  # a local judge is the base model unless judge_model is set
-    if args.reward.reward_grader == "judge" and args.reward.judge_model and not args.reward.judge_url:
-        judge_path = resolve_model_path(args.reward.judge_model, args.loop.model_cache_dir)
-        judge_tokenizer = load_tokenizer(judge_path)
-        judge = HFEngine(load_model(judge_path), judge_tokenizer, args.reward.answer_batch_size)
-    grader = build_grader(args.reward, judge, judge_tokenizer)
-    rewarder = Rewarder(engine, tokenizer, grader, args.reward, args.generate.use_chat_template)
-    journal = Journal(run_dir / "journal.jsonl", rank=rank if world > 1 else None)
-    by_id = {p.id: p for p in passages}
-
-    def baseline(r: int) -> dict[str, float]:
-        """θ_r's no-context accuracy per passage (journaled once per round's weights; round 0: the base)."""
-        key = ("baseline",) if r == 0 or args.ttt.ttt_model == "base" else ("baseline", r)
-        if journal.get(*key) is None:
-            record = None
-            if main:
-                scores = rewarder.score(passages, adapter=None)
-                record = journal.append(key, scores={s.passage_id: s.to_dict() for s in scores})
-            journal.merge(broadcast_object_list([record]))
-        return {pid: s["accuracy"] for pid, s in journal.get(*key)["scores"].items()}
-
-    heldout = HeldOut(heldout_sets, args.heldout, args.generate, journal, run_dir, seed, args.ttt.ttt_model)
-    inner = InnerLoop(model, tokenizer, args.ttt, rewarder, run_dir / "adapters")
-
-    def evaluate_heldout(point: int) -> dict[str, Any]:
-        """The held-out evaluation of the current generator (on the main process; the others wait)."""
-        fields = None
-        if main and heldout_sets:
-            fields = heldout.evaluate(point, inner, rewarder, generator, tokenizer, adapter)
-        return (broadcast_object_list([fields])[0] if world > 1 else fields) or {}
-
-    generator, adapter = engine, None  # round 0 samples from the base model itself
-    summaries = []
-    before = evaluate_heldout(0)
+    summaries: list[dict[str, Any]] = []
+    before = rounds.evaluate_heldout(0)
     for r in range(args.loop.num_rounds):
-        round_dir, t0 = run_dir / f"round_{r}", time.time()
-        base_acc = baseline(r)
-
-        # 1. generate: k self-edits per passage (saved whole, so a rerun reuses them).
-        gen_path = round_dir / "generations.jsonl"
-        if gen_path.exists():
-            edits = [SelfEdit.from_dict(d) for d in read_jsonl(gen_path)]
-        elif not main:  # the main process samples; the others get its self-edits
-            edits = [SelfEdit.from_dict(d) for d in broadcast_object_list([None])[0]]
-        else:
-            logger.info(
-                "round %d: sampling %d self-edits for %d passages",
-                r,
-                args.generate.num_self_edits,
-                len(passages),
-            )
-            with all_cpu_threads(world > 1):  # the other processes wait for the broadcast meanwhile
-                nested = generate_self_edits(
-                    generator, tokenizer, passages, args.generate, task_seed(seed, "gen", r), adapter
-                )
-            edits = [e for per_passage in nested for e in per_passage]
-            write_jsonl(gen_path, [e.to_dict() for e in edits])
-            if world > 1:
-                broadcast_object_list([[e.to_dict() for e in edits]])
+        t0 = time.time()
+        base_acc = rounds.baseline(r)
+        edits = rounds.generate(r)  # 1. generate: k self-edits per passage
         t_gen = time.time() - t0
-        ok = [e for e in edits if e.status == "ok"]  # TTT splits long examples (logged), or refuses them
-        names = [f"passage {e.passage_id} self-edit {e.index}" for e in ok]
-        ttt_split = check_overlong([e.examples for e in ok], names, tokenizer, args.ttt)
-
-        # 2-3. apply each self-edit with a fresh LoRA, then reward the adapted model (journaled one by one;
-        #      in batched mode many self-edits are trained and answered together).
-        repeats = range(args.reward.reward_repeats)
-        evals = [("eval", r, e.passage_id, e.index, rep) for e in edits for rep in repeats]
-        if main and (resumed := journal.done(evals)):
-            logger.info("round %d: resuming: %d of %d evaluations done", r, resumed, len(evals))
-        jobs, keys, done_here = [], {}, []
-        for p in passages if args.filter.filter_beat_passage else []:  # passage-only TTT, for the filter
-            for rep in repeats:
-                key = ("passage", r, p.id, rep)
-                if journal.get(*key) is None:
-                    keys[name := f"passage-{p.id}-{rep}"] = key
-                    ttt_seed = task_seed(seed, "ttt-passage", r, p.id, rep)
-                    jobs.append(Job(name, passage_examples(p, args.generate), [p], ttt_seed))
-        for edit in edits:
-            for rep in range(args.reward.reward_repeats):
-                key = ("eval", r, edit.passage_id, edit.index, rep)
-                if journal.get(*key) is not None:
-                    continue
-                if edit.status != "ok":  # empty/unparseable: reward 0, logged at parse time, never trained
-                    if main:
-                        record = journal.append(
-                            key, status=edit.status, losses=[], accuracy=0.0, answers=[], scores=[]
-                        )
-                        done_here.append(record)
-                        if on_evaluation is not None:
-                            on_evaluation(record)
-                    continue
-                name = f"{edit.passage_id}-{edit.index}-{rep}"
-                keys[name] = key
-                ttt_seed = task_seed(seed, "ttt", r, edit.passage_id, edit.index, rep)
-                jobs.append(Job(name, edit.examples, [by_id[edit.passage_id]], ttt_seed))
-
-        def finished(
-            job: Job,
-            losses: list[float],
-            scores: list[PassageScore],
-            keys=keys,
-            done_here=done_here,
-            base_acc=base_acc,
-        ) -> None:
-            key = keys[job.name]
-            score = scores[0]
-            record = journal.append(key, status="ok", seed=job.seed, losses=losses, **score.to_dict())
-            done_here.append(record)
-            what = "passage alone" if key[0] == "passage" else f"self-edit {key[3]}"
-            logger.info(
-                "round %d passage %s %s repeat %d: accuracy %.2f (no-context %.2f), final loss %.3f",
-                *(
-                    key[1],
-                    score.passage_id,
-                    what,
-                    key[-1],
-                    score.accuracy,
-                    base_acc[score.passage_id],
-                    losses[-1],
-                ),
-            )
-            if on_evaluation is not None:
-                on_evaluation(record)
-
-        if jobs:
-            inner.adapter_dir = round_dir / "adapters"
-            inner.run(jobs, finished, rank, world)
-        if world > 1:  # every process gets every evaluation (each journaled its own in its own file)
-            journal.merge(r for records in gather_object([done_here]) for r in records)
+        rows, ttt_split = rounds.apply_and_reward(r, edits, base_acc)  # 2-3. a fresh LoRA each, rewarded
         t_eval = time.time() - t0 - t_gen
-
-        # Rewards per self-edit, averaged over TTT repeats.
-        rows = []
-        for edit in edits:
-            evals = [
-                journal.get("eval", r, edit.passage_id, edit.index, rep)
-                for rep in range(args.reward.reward_repeats)
-            ]
-            accs = [e["accuracy"] for e in evals]
-            no_context = base_acc[edit.passage_id]
-            alone = [
-                journal.get("passage", r, edit.passage_id, rep)["accuracy"]
-                for rep in range(args.reward.reward_repeats)
-                if args.filter.filter_beat_passage
-            ]
-            rows.append(
-                {
-                    **edit.to_dict(),
-                    "adapted_accuracy": sum(accs) / len(accs),
-                    "base_accuracy": no_context,
-                    "passage_accuracy": sum(alone) / len(alone) if alone else None,
-                    "reward": reward(accs, no_context, args.reward) if edit.status == "ok" else 0.0,
-                    "answers": [e["answers"] for e in evals],
-                    "final_loss": [e["losses"][-1] if e["losses"] else None for e in evals],
-                }
-            )
-
-        # 4. filter: keep the best self-edits.
-        kept = select(rows, args.filter)
-        kept_ids = {(k["passage_id"], k["index"]) for k in kept}
-        for row in rows:
-            row["kept"] = (row["passage_id"], row["index"]) in kept_ids
-        if main:
-            write_jsonl(round_dir / "self_edits.jsonl", rows)
-        if args.review.review:  # a person accepts/rejects each self-edit; the update trains on the accepted
-            kept = review_round(round_dir, rows, args.review, by_id) if main else None
-            kept = broadcast_object_list([kept])[0] if world > 1 else kept
-            if kept is None:  # waiting for decisions: review.html is written, a rerun continues from here
-                break
-        if main:
-            write_jsonl(round_dir / "kept.jsonl", kept)
-
-        # 5. update: SFT the generator on the kept (prompt, self-edit) pairs; the next round samples from it.
-        update = finished_update(round_dir / "update")
-        if update is None and kept:
-            engine.sleep()  # free accelerator memory for training when vLLM shares the GPU
-            update = update_generator(
-                base_path,
-                kept,
-                args.model,
-                args.sft,
-                round_dir / "update",
-                args.loop.update_merge,
-                args.generate.use_chat_template,
-            )
-            engine.wake_up()
-        elif not kept:
-            logger.warning("round %d: no self-edit passed the filter; the generator is not updated", r)
-        if update is not None and (r + 1 < args.loop.num_rounds or heldout_sets):
-            if args.ttt.ttt_model == "generator":  # θ_{r+1}: TTT, baseline and sampling on the new weights
-                with state.main_process_first():  # the main process merges (once); the others find it
-                    path = merged_update(update, base_path, args.model.dtype)
-                engine = adopt_weights(
-                    path, model, engine, hf, args.vllm, tokenizer, lora_rank(args), args.sft.seed
-                )
-                rewarder = Rewarder(engine, tokenizer, grader, args.reward, args.generate.use_chat_template)
-                inner = InnerLoop(model, tokenizer, args.ttt, rewarder, run_dir / "adapters")
-                generator, adapter = engine, None
-            else:
-                generator, adapter = load_generator(update, engine, r, args, tokenizer)
-        after = evaluate_heldout(r + 1)
-
-        summary = round_summary(r, passages, rows, kept, update, t_gen, t_eval, time.time() - t0, world)
+        kept = rounds.filter(r, rows)  # 4. filter (and a person's review): what the generator learns from
+        if kept is None:  # waiting for review decisions: review.html is written, a rerun continues here
+            break
+        update = rounds.update(r, kept)  # 5. update: SFT of the generator on the kept self-edits
+        rounds.next_generator(r, update)  # θ_{r+1}
+        after = rounds.evaluate_heldout(r + 1)
+        summary = round_summary(
+            r, passages, rows, kept, update, t_gen, t_eval, time.time() - t0, state.num_processes
+        )
         summary["ttt_split"] = ttt_split  # training examples longer than ttt_max_length, trained as chunks
         summary["no_kept"] = passages_without_kept(rows, kept)  # passages the E-step gave no signal
         summary["ttt_model"] = args.ttt.ttt_model
-        summary.update(describe_rows(rows, by_id))  # length, copying, novel words of the parsed self-edits
-        if r == 0:
-            summary.update({f"{k}_before": v for k, v in before.items()})
+        summary.update(describe_rows(rows, rounds.by_id))  # length, copying, novel words of the self-edits
+        summary.update({f"{k}_before": v for k, v in before.items()} if r == 0 else {})
         summary.update(after)
         summaries.append(summary)
-        if main:
-            write_json(round_dir / "summary.json", summary)
-            (round_dir / "summary.md").write_text(markdown_rows([summary]) + "\n")
-            tracker.update(summaries)
-        logger.info("round %d done in %.1f min", r, summary["minutes"])
+        rounds.report(r, summaries)
 
-    engine.close()
-    if not main:  # the main process reports
+    rt.close()
+    if not state.is_main_process:  # the main process reports
         return summaries
     tracker.close()
     if len(summaries) < args.loop.num_rounds:  # stopped for a review
@@ -387,22 +173,254 @@ def run(
     return summaries
 
 
-def load_generator(
-    update: dict[str, Any], engine, r: int, args: SealArgs, tokenizer
-) -> tuple[Any, str | None]:
+def load_runtime(
+    args: SealArgs, state: PartialState, passages: list[Passage], heldout: list[Passage]
+) -> Runtime:
+    """The run's models (one base for the whole run: TTT adapters come and go on it), after the checks that
+    need only the tokenizer."""
+    with state.main_process_first():  # the embedded model is converted (once) by the main process
+        base_path = resolve_model_path(args.model.model_name_or_path, args.loop.model_cache_dir)
+    tokenizer = load_tokenizer(base_path, revision=args.model.model_revision)
+    check_prompt_lengths([*passages, *heldout], tokenizer, args.generate, args.vllm.vllm_max_model_len)
+    check_passages_fit(passages, tokenizer, args.ttt, args.generate)  # ttt_overlong: error
+    judge_path = None  # a local judge is the engine itself unless judge_model is set
+    if args.reward.reward_grader == "judge" and args.reward.judge_model and not args.reward.judge_url:
+        judge_path = resolve_model_path(args.reward.judge_model, args.loop.model_cache_dir)
+    return Runtime.load(
+        base_path, tokenizer, args.model, args.generate, args.ttt, args.reward, args.vllm,
+        lora_rank(args), args.sft.seed, judge_path,
+    )  # fmt: skip
+
+
+class Rounds:
+    """The stages of a round, with the plumbing around them: the journal (resume), the run directory, the
+    broadcast and gather between processes, and which generator samples next."""
+
+    def __init__(
+        self,
+        args: SealArgs,
+        rt: Runtime,
+        passages: list[Passage],
+        heldout_sets: dict[str, list[Passage]],
+        run_dir: Path,
+        state: PartialState,
+        tracker: RoundTracker | None,
+        on_evaluation: Callable[[dict[str, Any]], None] | None,
+    ):
+        self.args, self.rt, self.passages, self.run_dir = args, rt, passages, run_dir
+        self.rank, self.world, self.main = state.process_index, state.num_processes, state.is_main_process
+        self.on_evaluation = on_evaluation or (lambda record: None)
+        self.by_id = {p.id: p for p in passages}
+        self.seed = args.sft.seed
+        self.journal = Journal(run_dir / "journal.jsonl", rank=self.rank if self.world > 1 else None)
+        self.heldout_sets = heldout_sets
+        self.heldout = HeldOut(
+            heldout_sets, args.heldout, args.generate, self.journal, run_dir, self.seed, args.ttt.ttt_model
+        )
+        self.tracker = tracker
+        self.inner = rt.inner_loop(run_dir / "adapters")
+        self.generator, self.adapter = rt.engine, None  # round 0 samples from the base model itself
+
+    def _broadcast(self, value: Any) -> Any:
+        return broadcast_object_list([value])[0] if self.world > 1 else value
+
+    def baseline(self, r: int) -> dict[str, float]:
+        """θ_r's no-context accuracy per passage (journaled once per round's weights; round 0: the base)."""
+        key = ("baseline",) if r == 0 or self.args.ttt.ttt_model == "base" else ("baseline", r)
+        if self.journal.get(*key) is None:
+            record = None
+            if self.main:
+                scores = self.inner.rewarder.score(self.passages, adapter=None)
+                record = self.journal.append(key, scores={s.passage_id: s.to_dict() for s in scores})
+            self.journal.merge(broadcast_object_list([record]))
+        return {pid: s["accuracy"] for pid, s in self.journal.get(*key)["scores"].items()}
+
+    def evaluate_heldout(self, point: int) -> dict[str, Any]:
+        """The held-out evaluation of the current generator (on the main process; the others wait)."""
+        fields = None
+        if self.main and self.heldout_sets:
+            fields = self.heldout.evaluate(
+                point, self.inner, self.inner.rewarder, self.generator, self.rt.tokenizer, self.adapter
+            )
+        return self._broadcast(fields) or {}
+
+    def generate(self, r: int) -> list[SelfEdit]:
+        """k self-edits per passage, sampled by the main process and saved whole (a rerun reuses them)."""
+        path = self.run_dir / f"round_{r}" / "generations.jsonl"
+        if path.exists():
+            return [SelfEdit.from_dict(d) for d in read_jsonl(path)]
+        if not self.main:  # the main process samples; the others get its self-edits
+            return [SelfEdit.from_dict(d) for d in broadcast_object_list([None])[0]]
+        gen = self.args.generate
+        logger.info(
+            "round %d: sampling %d self-edits for %d passages", r, gen.num_self_edits, len(self.passages)
+        )
+        with all_cpu_threads(self.world > 1):  # the other processes wait for the broadcast meanwhile
+            nested = generate_self_edits(
+                self.generator,
+                self.rt.tokenizer,
+                self.passages,
+                gen,
+                task_seed(self.seed, "gen", r),
+                self.adapter,
+            )
+        edits = [e for per_passage in nested for e in per_passage]
+        write_jsonl(path, [e.to_dict() for e in edits])
+        if self.world > 1:
+            broadcast_object_list([[e.to_dict() for e in edits]])
+        return edits
+
+    def apply_and_reward(
+        self, r: int, edits: list[SelfEdit], base_acc: dict[str, float]
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Each self-edit applied by a fresh LoRA and rewarded, journaled one by one (in batched mode many
+        are trained and answered together); returns a row per self-edit, and how many training examples
+        were longer than ttt_max_length (TTT splits them; ttt_overlong: error refuses them)."""
+        args, journal = self.args, self.journal
+        ok = [e for e in edits if e.status == "ok"]
+        names = [f"passage {e.passage_id} self-edit {e.index}" for e in ok]
+        ttt_split = check_overlong([e.examples for e in ok], names, self.rt.tokenizer, args.ttt)
+        repeats = range(args.reward.reward_repeats)
+        evals = [("eval", r, e.passage_id, e.index, rep) for e in edits for rep in repeats]
+        if self.main and (resumed := journal.done(evals)):
+            logger.info("round %d: resuming: %d of %d evaluations done", r, resumed, len(evals))
+        jobs, keys, done_here = [], {}, []
+        for p in self.passages if args.filter.filter_beat_passage else []:  # passage-only TTT, for the filter
+            for rep in repeats:
+                if journal.get("passage", r, p.id, rep) is None:
+                    keys[name := f"passage-{p.id}-{rep}"] = ("passage", r, p.id, rep)
+                    ttt_seed = task_seed(self.seed, "ttt-passage", r, p.id, rep)
+                    jobs.append(Job(name, passage_examples(p, args.generate), [p], ttt_seed))
+        for edit in edits:
+            for rep in repeats:
+                key = ("eval", r, edit.passage_id, edit.index, rep)
+                if journal.get(*key) is not None:
+                    continue
+                if edit.status != "ok":  # empty/unparseable: reward 0, logged at parse time, never trained
+                    if self.main:
+                        record = journal.append(
+                            key, status=edit.status, losses=[], accuracy=0.0, answers=[], scores=[]
+                        )
+                        done_here.append(record)
+                        self.on_evaluation(record)
+                    continue
+                keys[name := f"{edit.passage_id}-{edit.index}-{rep}"] = key
+                ttt_seed = task_seed(self.seed, "ttt", r, edit.passage_id, edit.index, rep)
+                jobs.append(Job(name, edit.examples, [self.by_id[edit.passage_id]], ttt_seed))
+
+        def finished(job: Job, losses: list[float], scores: list[PassageScore]) -> None:
+            key, score = keys[job.name], scores[0]
+            record = journal.append(key, status="ok", seed=job.seed, losses=losses, **score.to_dict())
+            done_here.append(record)
+            what = "passage alone" if key[0] == "passage" else f"self-edit {key[3]}"
+            logger.info(
+                "round %d passage %s %s repeat %d: accuracy %.2f (no-context %.2f), final loss %.3f",
+                *(r, score.passage_id, what, key[-1], score.accuracy, base_acc[score.passage_id], losses[-1]),
+            )
+            self.on_evaluation(record)
+
+        if jobs:
+            self.inner.adapter_dir = self.run_dir / f"round_{r}" / "adapters"
+            self.inner.run(jobs, finished, self.rank, self.world)
+        if self.world > 1:  # every process gets every evaluation (each journaled its own in its own file)
+            journal.merge(rec for records in gather_object([done_here]) for rec in records)
+        return [self.scored(r, edit, base_acc) for edit in edits], ttt_split
+
+    def scored(self, r: int, edit: SelfEdit, base_acc: dict[str, float]) -> dict[str, Any]:
+        """A self-edit's row: its accuracy and reward averaged over the TTT repeats, from the journal."""
+        repeats = range(self.args.reward.reward_repeats)
+        evals = [self.journal.get("eval", r, edit.passage_id, edit.index, rep) for rep in repeats]
+        accs = [e["accuracy"] for e in evals]
+        alone = [
+            self.journal.get("passage", r, edit.passage_id, rep)["accuracy"]
+            for rep in repeats
+            if self.args.filter.filter_beat_passage
+        ]
+        no_context = base_acc[edit.passage_id]
+        return {
+            **edit.to_dict(),
+            "adapted_accuracy": sum(accs) / len(accs),
+            "base_accuracy": no_context,
+            "passage_accuracy": sum(alone) / len(alone) if alone else None,
+            "reward": reward(accs, no_context, self.args.reward) if edit.status == "ok" else 0.0,
+            "answers": [e["answers"] for e in evals],
+            "final_loss": [e["losses"][-1] if e["losses"] else None for e in evals],
+        }
+
+    def filter(self, r: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        """The kept rows (ReST-EM's E-step), or a person's accepted ones with review: None while the round
+        waits for review decisions."""
+        round_dir = self.run_dir / f"round_{r}"
+        kept = select(rows, self.args.filter)
+        kept_ids = {(k["passage_id"], k["index"]) for k in kept}
+        for row in rows:
+            row["kept"] = (row["passage_id"], row["index"]) in kept_ids
+        if self.main:
+            write_jsonl(round_dir / "self_edits.jsonl", rows)
+        if self.args.review.review:
+            kept = review_round(round_dir, rows, self.args.review, self.by_id) if self.main else None
+            kept = self._broadcast(kept)
+            if kept is None:
+                return None
+        if self.main:
+            write_jsonl(round_dir / "kept.jsonl", kept)
+        return kept
+
+    def update(self, r: int, kept: list[dict[str, Any]]) -> Update | None:
+        """SFT of the generator on the kept (prompt, self-edit) pairs; a finished one is read back."""
+        out = self.run_dir / f"round_{r}" / "update"
+        update = finished_update(out)
+        if update is None and kept:
+            self.rt.engine.sleep()  # free accelerator memory for training when vLLM shares the GPU
+            args = self.args
+            update = update_generator(
+                self.rt.base_path, kept, args.model, args.sft, out, args.loop.update_merge,
+                args.generate.use_chat_template,
+            )  # fmt: skip
+            self.rt.engine.wake_up()
+        elif not kept:
+            logger.warning("round %d: no self-edit passed the filter; the generator is not updated", r)
+        return update
+
+    def next_generator(self, r: int, update: Update | None) -> None:
+        """θ_{r+1}: in SEAL's setting the update merged into the weights TTT, the baseline and sampling run
+        on; with ttt_model: base the updated generator only samples."""
+        args = self.args
+        if update is None or (r + 1 == args.loop.num_rounds and not self.heldout_sets):
+            return
+        if args.ttt.ttt_model == "generator":
+            with PartialState().main_process_first():  # the main process merges (once); the others find it
+                path = merged_update(update, self.rt.base_path, args.model.dtype)
+            self.rt.adopt(path)
+            self.inner = self.rt.inner_loop(self.run_dir / "adapters")
+            self.generator, self.adapter = self.rt.engine, None
+        else:
+            self.generator, self.adapter = load_generator(update, self.rt.engine, r, args, self.rt.tokenizer)
+
+    def report(self, r: int, summaries: list[dict[str, Any]]) -> None:
+        """The round's summary files, trackers and rounds.png (main process)."""
+        if self.main:
+            round_dir = self.run_dir / f"round_{r}"
+            write_json(round_dir / "summary.json", summaries[-1])
+            (round_dir / "summary.md").write_text(markdown_rows([summaries[-1]]) + "\n")
+            self.tracker.update(summaries)
+        logger.info("round %d done in %.1f min", r, summaries[-1]["minutes"])
+
+
+def load_generator(update: Update, engine, r: int, args: SealArgs, tokenizer) -> tuple[Any, str | None]:
     """The updated generator: an adapter on the shared engine, or an engine on the merged/full weights."""
-    if update["kind"] == "adapter":
-        return engine, engine.add_adapter(update["path"], name=f"generator-r{r}")  # a fresh name per version
+    if update.kind == "adapter":
+        return engine, engine.add_adapter(update.path, name=f"generator-r{r}")  # a fresh name per version
     if engine_backend(args.generate.generator_backend, args.model) == "hf":
-        model = load_model(update["path"], args.model.dtype)
-        tok = load_tokenizer(update["path"])
+        model = load_model(update.path, args.model.dtype)
+        tok = load_tokenizer(update.path)
         return HFEngine(model, tok, args.generate.generation_batch_size, args.ttt.ttt_autocast), None
     if args.vllm.vllm_server_url:
         raise ValueError(
             "A running vLLM server cannot switch to merged/full update weights: keep the update as a LoRA "
             "(update_merge: false, use_peft: true), or serve the new weights and rerun"
         )
-    return vllm_engine(args.vllm, update["path"], tokenizer, lora_rank(args), args.sft.seed), None
+    return vllm_engine(args.vllm, update.path, tokenizer, lora_rank(args), args.sft.seed), None
 
 
 @contextlib.contextmanager
@@ -428,7 +446,7 @@ def round_summary(
     passages: list[Passage],
     rows: list[dict[str, Any]],
     kept: list[dict[str, Any]],
-    update: dict[str, Any] | None,
+    update: Update | None,
     t_gen: float,
     t_eval: float,
     total: float,
@@ -449,7 +467,7 @@ def round_summary(
         "best_of_k_acc": sum(best.values()) / len(best),
         "mean_reward": sum(row["reward"] for row in rows) / len(rows),
         "kept": len(kept),
-        "update_loss": update["train_loss"] if update else None,
+        "update_loss": update.train_loss if update else None,
         "gen_s": round(t_gen, 1),
         "ttt_eval_s": round(t_eval, 1),
         "minutes": round(total / 60, 2),

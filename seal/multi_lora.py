@@ -6,7 +6,7 @@ its own LoRA parameters ``A_k`` (r, in) and ``B_k`` (out, r) per target Linear, 
 ``scaling * x A_k^T B_k^T`` to adapter k's tokens: the participating adapters' weights are stacked (once per
 forward, for all modules) so the LoRA products of all of them are two batched matmuls. In generation the
 batch is equal blocks of rows, block g for the g-th adapter; in training it is packed sorted by adapter
-(:func:`seal.ttt.pack_sequences`), and each module lays each adapter's tokens out as a zero-padded block
+(:func:`seal.sequences.pack_sequences`), and each module lays each adapter's tokens out as a zero-padded block
 with one index op and takes the result back with another; with at most four adapters in a step it
 multiplies every row with all of them and masks instead (:class:`MaskedRows`). Because every adapter owns
 its parameters (one flat tensor each), a standard optimizer with one parameter group per adapter gives each
@@ -633,7 +633,7 @@ class StackedLoRA(nn.Module):
         Without `token_group` or `row_group` the batch is G equal blocks of rows, block g for adapter
         groups[g]. With `token_group`, a flat tensor with one entry per position of the batch (``row *
         seq_len + col``), adapter groups[g] acts on the positions where it is g, and none on those where it
-        is -1 (packed training: :class:`seal.ttt.PackedBatch`'s ``token_group``). With `row_group`, one
+        is -1 (packed training: :class:`seal.sequences.PackedBatch`'s ``token_group``). With `row_group`, one
         entry per row, every forward in the context (generation with a cache: the prompts, then one token
         at a time) routes all positions of row i to adapter groups[row_group[i]], so adapters may have
         different numbers of rows. Each module lays the adapters' positions out as zero-padded blocks

@@ -17,14 +17,15 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-import html
 import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import yaml
 
 from seal.config import ReviewConfig
@@ -35,7 +36,6 @@ logger = logging.getLogger("seal")
 
 DECISIONS = ("accept", "reject")
 PAGE = "review.html"
-KEPT_BADGE = '<span class="badge kept">kept</span>'
 REVIEWED = "review.json"
 FORMAT = "seal-review"
 
@@ -49,146 +49,10 @@ class ReviewError(ValueError):
 # ---------------------------------------------------------------------------------------------- the page
 
 
-_CSS = """
-:root { color-scheme: light; --ok: #1a7f37; --no: #b42318; --line: #d0d7de; --muted: #57606a; }
-* { box-sizing: border-box; }
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0; color: #1f2328; }
-header { position: sticky; top: 0; z-index: 2; background: #f6f8fa; border-bottom: 1px solid var(--line);
-  padding: 10px 16px; display: flex; flex-wrap: wrap; gap: 8px 20px; align-items: center; }
-h1 { font-size: 17px; margin: 0; }
-.stats { color: var(--muted); }
-.stats b { color: #1f2328; }
-.actions { margin-left: auto; display: flex; gap: 8px; }
-.help { margin: 10px 16px; color: var(--muted); max-width: 110ch; }
-code { background: #eff1f3; padding: 1px 4px; border-radius: 4px; font-size: 12.5px; }
-table { border-collapse: collapse; width: 100%; table-layout: fixed; }
-th, td { border-bottom: 1px solid var(--line); padding: 8px 10px; vertical-align: top; text-align: left; }
-thead th { background: #fff; font-weight: 600; }
-th.num, td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-th button.sort { font: inherit; font-weight: 600; border: 0; background: none; padding: 0; cursor: pointer; }
-th button.sort::after { content: " \\2195"; color: var(--muted); }
-th[aria-sort="descending"] button.sort::after { content: " \\2193"; color: #1f2328; }
-th[aria-sort="ascending"] button.sort::after { content: " \\2191"; color: #1f2328; }
-col.c-passage { width: 24%; } col.c-edit { width: 40%; } col.c-reward { width: 8%; }
-col.c-acc { width: 10%; } col.c-filter { width: 6%; } col.c-decision { width: 12%; }
-.title { font-weight: 600; }
-.sub { color: var(--muted); font-size: 12.5px; }
-details summary { cursor: pointer; color: var(--muted); font-size: 12.5px; }
-details .context { white-space: pre-wrap; margin: 6px 0; }
-ol.qa { margin: 4px 0; padding-left: 18px; font-size: 12.5px; }
-ol.qa .gold { color: var(--ok); }
-ol.qa .answer { color: var(--muted); }
-.edit { white-space: pre-wrap; overflow-wrap: anywhere; max-height: 16em; overflow: auto; margin: 0;
-  font: 13px/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
-.badge { display: inline-block; border-radius: 10px; padding: 0 7px; font-size: 12px; border: 1px solid; }
-.badge.kept { color: var(--ok); border-color: var(--ok); }
-.badge.status { color: var(--no); border-color: var(--no); margin-bottom: 4px; }
-.neg { color: var(--no); } .pos { color: var(--ok); }
-button { font: inherit; border: 1px solid var(--line); border-radius: 6px; background: #fff;
-  padding: 4px 10px; cursor: pointer; }
-button:hover { background: #f3f4f6; }
-button.primary { background: #1f6feb; color: #fff; border-color: #1f6feb; }
-.decide { display: flex; gap: 6px; flex-wrap: wrap; }
-.decide button[aria-pressed="true"][data-decision="accept"] { background: var(--ok); color: #fff;
-  border-color: var(--ok); }
-.decide button[aria-pressed="true"][data-decision="reject"] { background: var(--no); color: #fff;
-  border-color: var(--no); }
-.decide button:disabled { opacity: .45; cursor: not-allowed; }
-tr.accepted td:first-child { box-shadow: inset 4px 0 0 var(--ok); }
-tr.rejected td:first-child { box-shadow: inset 4px 0 0 var(--no); }
-tr.rejected .edit, tr.rejected .title { color: var(--muted); }
-"""
-
-_JS = """
-(() => {
-  const page = document.body.dataset;
-  const tbody = document.querySelector('#edits tbody');
-  const rows = Array.from(tbody.rows);
-  const store = 'seal-review:' + page.pageId;
-  const count = document.getElementById('n-accepted');
-
-  const key = tr => tr.dataset.passageId + '\\u001f' + tr.dataset.index;
-  const filterChoice = tr => (tr.dataset.kept === 'true' ? 'accept' : 'reject');
-
-  function setDecision(tr, decision) {
-    tr.dataset.decision = decision;
-    tr.classList.toggle('accepted', decision === 'accept');
-    tr.classList.toggle('rejected', decision === 'reject');
-    for (const b of tr.querySelectorAll('button[data-decision]')) {
-      b.setAttribute('aria-pressed', String(b.dataset.decision === decision));
-    }
-    count.textContent = rows.filter(r => r.dataset.decision === 'accept').length;
-  }
-  function save() {
-    const state = {};
-    for (const tr of rows) state[key(tr)] = tr.dataset.decision;
-    try { localStorage.setItem(store, JSON.stringify(state)); } catch (e) { /* no storage: fine */ }
-  }
-  function reset() {
-    for (const tr of rows) setDecision(tr, filterChoice(tr));
-    save();
-  }
-
-  // Start from the decisions saved in this browser for this very page, else from the filter's choice.
-  let saved = null;
-  try { saved = JSON.parse(localStorage.getItem(store) || 'null'); } catch (e) { saved = null; }
-  for (const tr of rows) {
-    const d = saved ? saved[key(tr)] : undefined;
-    const valid = d === 'reject' || (d === 'accept' && tr.dataset.acceptable === 'true');
-    setDecision(tr, valid ? d : filterChoice(tr));
-  }
-
-  tbody.addEventListener('click', (event) => {
-    const button = event.target.closest('button[data-decision]');
-    if (button && !button.disabled) {
-      setDecision(button.closest('tr'), button.dataset.decision);
-      save();
-    }
-  });
-  document.getElementById('reset').addEventListener('click', reset);
-
-  const headers = Array.from(document.querySelectorAll('#edits th[data-sort]'));
-  for (const th of headers) {
-    th.querySelector('button').addEventListener('click', () => {
-      const key = th.dataset.sort;
-      const current = th.getAttribute('aria-sort');
-      const dir = key === 'order' ? 'ascending' : (current === 'descending' ? 'ascending' : 'descending');
-      for (const other of headers) other.removeAttribute('aria-sort');
-      th.setAttribute('aria-sort', dir);
-      const sign = dir === 'ascending' ? 1 : -1;
-      const value = (tr, k) => Number(tr.dataset[k]);
-      const sorted = rows.slice().sort((a, b) =>
-        sign * (value(a, key) - value(b, key)) || value(a, 'order') - value(b, 'order'));
-      for (const tr of sorted) tbody.appendChild(tr);
-    });
-  }
-
-  document.getElementById('export').addEventListener('click', () => {
-    const payload = {
-      format: page.format, run: page.run, round: Number(page.round), page_id: page.pageId,
-      exported_at: new Date().toISOString(),
-      decisions: rows.map(tr => ({
-        passage_id: tr.dataset.passageId, index: Number(tr.dataset.index), decision: tr.dataset.decision,
-      })),
-    };
-    const blob = new Blob([JSON.stringify(payload, null, 2) + '\\n'], {type: 'application/json'});
-    const url = URL.createObjectURL(blob);
-    const a = document.createElement('a');
-    a.href = url;
-    a.download = page.filename;
-    document.body.appendChild(a);
-    a.click();
-    a.remove();
-    setTimeout(() => URL.revokeObjectURL(url), 10000);
-    document.getElementById('exported').textContent = 'Exported ' + page.filename;
-  });
-})();
-"""
-
-
-def _e(value: Any) -> str:
-    """HTML-escape text for element content and quoted attribute values."""
-    return html.escape(str(value), quote=True)
+ASSETS = "assets"  # seal/assets/: the page's template, stylesheet and script
+_env = jinja2.Environment(
+    loader=jinja2.PackageLoader("seal", ASSETS), autoescape=True, undefined=jinja2.StrictUndefined
+)
 
 
 def _num(x: float | None, signed: bool = False) -> str:
@@ -215,23 +79,6 @@ def acceptable(row: Mapping[str, Any]) -> bool:
     return bool(str(row.get("completion", "")).strip())
 
 
-def _passage_cell(row: Mapping[str, Any], passage: Any | None) -> str:
-    pid = row["passage_id"]
-    if passage is None:
-        return f'<div class="title">{_e(pid)}</div><div class="sub">self-edit {_e(row["index"])}</div>'
-    answers = (row.get("answers") or [[]])[0] or []
-    items = []
-    for q, qa in enumerate(passage.questions):
-        got = f' <span class="answer">→ {_e(answers[q])}</span>' if q < len(answers) else ""
-        items.append(f'<li>{_e(qa.question)} <span class="gold">[{_e(qa.answer)}]</span>{got}</li>')
-    return (
-        f'<div class="title">{_e(passage.title)}</div>'
-        f'<div class="sub">{_e(pid)} · self-edit {_e(row["index"])}</div>'
-        f"<details><summary>passage, questions [gold] → answers</summary>"
-        f'<div class="context">{_e(passage.context)}</div><ol class="qa">{"".join(items)}</ol></details>'
-    )
-
-
 def render_page(
     rows: Sequence[Mapping[str, Any]],
     run_name: str,
@@ -239,82 +86,47 @@ def render_page(
     passages: Mapping[str, Any] | None = None,
     run_dir: str | None = None,
 ) -> str:
-    """The review page for one round's self-edit rows (as in `round_<r>/self_edits.jsonl`)."""
+    """The review page for one round's self-edit rows (as in `round_<r>/self_edits.jsonl`): seal/assets'
+    template, every value HTML-escaped by Jinja; the script runs under a Content-Security-Policy that allows
+    only it (by its hash)."""
     passages = passages or {}
-    body = []
-    for order, row in enumerate(rows):
-        kept = bool(row.get("kept"))
-        ok = acceptable(row)
-        reward, acc, base = row.get("reward"), row.get("adapted_accuracy"), row.get("base_accuracy")
-        status = row.get("status", "ok")
-        badge = f'<span class="badge status">{_e(status)}</span>' if status != "ok" else ""
-        sign = "pos" if (reward or 0) > 0 else "neg" if (reward or 0) < 0 else ""
-        body.append(
-            f'<tr data-order="{order}" data-passage-id="{_e(row["passage_id"])}"'
-            f' data-index="{int(row["index"])}"'
-            f' data-reward="{float(reward or 0.0)!r}" data-accuracy="{float(acc or 0.0)!r}"'
-            f' data-kept="{str(kept).lower()}" data-acceptable="{str(ok).lower()}">'
-            f"<td>{_passage_cell(row, passages.get(row['passage_id']))}</td>"
-            f'<td>{badge}<pre class="edit">{_e(row.get("completion", ""))}</pre></td>'
-            f'<td class="num {sign}">{_num(reward, signed=True)}</td>'
-            f'<td class="num">{_num(acc)}<div class="sub">base {_num(base)}</div></td>'
-            f"<td>{KEPT_BADGE if kept else ''}</td>"
-            f'<td><div class="decide">'
-            f'<button type="button" data-decision="accept" aria-pressed="false"{"" if ok else " disabled"}>'
-            f"Accept</button>"
-            f'<button type="button" data-decision="reject" aria-pressed="false">Reject</button></div></td>'
-            "</tr>"
+    shown = []
+    for row in rows:
+        reward, acc = row.get("reward"), row.get("adapted_accuracy")
+        shown.append(
+            {
+                "passage_id": row["passage_id"],
+                "index": int(row["index"]),
+                "passage": passages.get(row["passage_id"]),
+                "answers": (row.get("answers") or [[]])[0] or [],
+                "completion": row.get("completion", ""),
+                "status": row.get("status", "ok"),
+                "kept": bool(row.get("kept")),
+                "acceptable": acceptable(row),
+                "reward_value": repr(float(reward or 0.0)),
+                "accuracy_value": repr(float(acc or 0.0)),
+                "sign": "pos" if (reward or 0) > 0 else "neg" if (reward or 0) < 0 else "",
+                "reward_cell": _num(reward, signed=True),
+                "accuracy_cell": _num(acc),
+                "base_cell": _num(row.get("base_accuracy")),
+            }
         )
-    script_hash = base64.b64encode(hashlib.sha256(_JS.encode()).digest()).decode()
-    csp = f"default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{script_hash}'"
-    kept_n = sum(bool(r.get("kept")) for r in rows)
-    filename = decisions_filename(run_name, round_index)
-    where = run_dir or run_name
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{_e(csp)}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>seal review · {_e(run_name)} · round {round_index}</title>
-<style>{_CSS}</style>
-</head>
-<body data-run="{_e(run_name)}" data-round="{round_index}"
- data-page-id="{page_id(rows, run_name, round_index)}" data-filename="{_e(filename)}" data-format="{FORMAT}">
-<header>
-<h1>seal review · {_e(run_name)} · round {round_index}</h1>
-<div class="stats"><b>{len(rows)}</b> self-edits · filter kept <b>{kept_n}</b> ·
- accepted <b id="n-accepted">{kept_n}</b></div>
-<div class="actions"><button type="button" id="reset">Reset to filter's choice</button>
-<button type="button" id="export" class="primary">Export decisions</button></div>
-<div class="sub" id="exported" role="status"></div>
-</header>
-<p class="help">Accept the self-edits the generator should learn from, reject the others (preselected: the
-filter's choice; the update trains only on accepted ones). Then <b>Export decisions</b> and import the
-downloaded file:
-<code>seal review {_e(where)} --round {round_index} --decisions {_e(filename)}</code>, and rerun the
-recipe (or pass <code>--review_decisions {_e(filename)}</code> to the rerun). Decisions stay in this browser
-until then.
-</p>
-<table id="edits">
-<colgroup><col class="c-passage"><col class="c-edit"><col class="c-reward"><col class="c-acc">
-<col class="c-filter"><col class="c-decision"></colgroup>
-<thead><tr>
-<th data-sort="order" aria-sort="ascending"><button type="button" class="sort">Passage</button></th>
-<th>Self-edit</th>
-<th class="num" data-sort="reward"><button type="button" class="sort">Reward</button></th>
-<th class="num" data-sort="accuracy"><button type="button" class="sort">Accuracy</button></th>
-<th>Filter</th>
-<th>Decision</th>
-</tr></thead>
-<tbody>
-{chr(10).join(body)}
-</tbody>
-</table>
-<script>{_JS}</script>
-</body>
-</html>
-"""
+    js = resources.files("seal").joinpath(ASSETS, "review.js").read_text(encoding="utf-8")
+    css = resources.files("seal").joinpath(ASSETS, "review.css").read_text(encoding="utf-8")
+    script_hash = base64.b64encode(hashlib.sha256(js.encode()).digest()).decode()
+    return _env.get_template("review.html.j2").render(
+        rows=shown,
+        run_name=run_name,
+        round_index=round_index,
+        where=run_dir or run_name,
+        filename=decisions_filename(run_name, round_index),
+        page_id=page_id(rows, run_name, round_index),
+        kept_n=sum(bool(r.get("kept")) for r in rows),
+        format=FORMAT,
+        csp=f"default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{script_hash}'",
+        css=css,
+        js=js,
+    )
 
 
 def write_page(

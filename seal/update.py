@@ -10,8 +10,9 @@ import dataclasses
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
@@ -54,10 +55,27 @@ def update_lora_config(model_args: ModelConfig):
     return config
 
 
-def finished_update(out_dir: str | Path) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class Update:
+    """A finished ReST-EM update: the new generator at `path`, a PEFT adapter or full weights (`kind`)."""
+
+    kind: Literal["adapter", "model"]
+    path: str
+    train_loss: float | None = None
+    num_examples: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Update:
+        return cls(d["kind"], d["path"], d.get("train_loss"), d.get("num_examples"))
+
+
+def finished_update(out_dir: str | Path) -> Update | None:
     """The record of a completed update in `out_dir`, or None if it did not finish."""
     marker = Path(out_dir) / DONE
-    return json.loads(marker.read_text()) if marker.is_file() else None
+    return Update.from_dict(json.loads(marker.read_text())) if marker.is_file() else None
 
 
 def report_truncation(trainer: SFTTrainer, rows: int) -> tuple[int, int]:
@@ -90,11 +108,12 @@ def update_generator(
     out_dir: str | Path,
     merge: bool = False,
     use_chat_template: bool = True,
-) -> dict[str, Any]:
-    """Fine-tune a fresh copy of the base on `kept`; return {"kind": "adapter"|"model", "path", "train_loss"}.
+) -> Update:
+    """Fine-tune a fresh copy of the base on `kept`; return the new generator (its marker file, read back
+    by :func:`finished_update`, is written last, so a crash mid-update reruns it).
 
     With `model_args.use_peft` the result is a PEFT adapter (or, with `merge`, full merged weights);
-    without it, full fine-tuned weights. A marker file is written last, so a crash mid-update reruns it.
+    without it, full fine-tuned weights.
     """
     out_dir = Path(out_dir)
     tokenizer = load_tokenizer(base_path)
@@ -120,12 +139,7 @@ def update_generator(
     result = trainer.train()  # under accelerate launch: TRL's distributed SFT (DDP / FSDP / DeepSpeed)
     weights = out_dir / "generator"
     kind = "adapter" if model_args.use_peft and not merge else "model"
-    record = {
-        "kind": kind,
-        "path": str(weights),
-        "train_loss": result.training_loss,
-        "num_examples": len(kept),
-    }
+    record = Update(kind, str(weights), result.training_loss, len(kept))
     accelerator = trainer.accelerator
     # Gathers the full state dict on the main process (sharded FSDP / ZeRO-3 parameters included).
     state_dict = accelerator.get_state_dict(trainer.model_wrapped)
@@ -138,7 +152,7 @@ def update_generator(
         if kind == "model":
             tokenizer.padding_side = "left"
             tokenizer.save_pretrained(weights)
-        write_json(out_dir / DONE, record)
+        write_json(out_dir / DONE, record.to_dict())
     accelerator.wait_for_everyone()  # every process reads the new generator next
     logger.info(
         "update: %s trained on %d self-edits (loss %.4f) -> %s",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 from peft import PeftModel
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 
 from seal.generate.engine import vllm_engine
 from seal.models import load_model, load_tokenizer
+from seal.update import Update
 from seal.utils import write_json
 
 logger = logging.getLogger("seal")
@@ -28,22 +28,22 @@ DONE = "seal_merged.json"
 
 
 def merged_update(
-    update: dict[str, Any], base_path: str, dtype: str | None = None, out: str | Path | None = None
+    update: Update, base_path: str, dtype: str | None = None, out: str | Path | None = None
 ) -> Path:
     """The directory of the updated generator's full weights (safetensors + tokenizer): the update itself
     when it already is a model, else its adapter merged into the base (written once to `out`, by default
     next to the adapter; a marker written last, so an interrupted merge is redone). Main process only."""
-    if update["kind"] != "adapter":
-        return Path(update["path"])
-    out = Path(out) if out is not None else Path(update["path"]).parent / MERGED
+    if update.kind != "adapter":
+        return Path(update.path)
+    out = Path(out) if out is not None else Path(update.path).parent / MERGED
     if (out / DONE).is_file():
         return out
     shutil.rmtree(out, ignore_errors=True)
-    merged = PeftModel.from_pretrained(load_model(base_path, dtype), update["path"]).merge_and_unload()
+    merged = PeftModel.from_pretrained(load_model(base_path, dtype), update.path).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer = load_tokenizer(base_path)
     tokenizer.save_pretrained(out)
-    write_json(out / DONE, {"adapter": update["path"], "base": base_path})
+    write_json(out / DONE, {"adapter": update.path, "base": base_path})
     logger.info("update merged into the base weights -> %s", out)
     return out
 

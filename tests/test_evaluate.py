@@ -156,7 +156,7 @@ def test_local_judge_grader_and_sequential_mode(tiny_model_path, tmp_path):
 def test_bad_recipe_is_refused_before_any_model_loads(
     tiny_model_path, tmp_path, monkeypatch, overrides, match
 ):
-    monkeypatch.setattr(evaluate_module, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("seal.runtime.load_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ValueError, match=match):
         evaluate(eval_args(tiny_model_path, tmp_path / "eval", **overrides))
 
@@ -164,7 +164,7 @@ def test_bad_recipe_is_refused_before_any_model_loads(
 def test_bad_completion_files_are_refused_naming_file_record_and_field(
     tiny_model_path, tmp_path, passages, monkeypatch
 ):
-    monkeypatch.setattr(evaluate_module, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("seal.runtime.load_model", lambda *a, **k: pytest.fail("model loaded"))
     other = tmp_path / "other.json"
     other.write_text(
         json.dumps([{"title": "t", "context": "Unrelated.", "questions": [{"question": "q", "answer": "a"}]}])
@@ -192,11 +192,11 @@ def test_evaluation_serves_a_quantized_base_by_hf_like_the_loop(tiny_model_path,
         engine_module, "vllm_engine", lambda *a, **k: pytest.fail("vLLM built for a 4-bit base")
     )
     args = eval_args(tiny_model_path, tmp_path / "eval", load_in_4bit=True, generator_backend="vllm")
-    monkeypatch.setattr(evaluate_module, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr("seal.runtime.load_model", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ValueError, match="load_in_4bit"):
         evaluate(args)
     args.generate.generator_backend = "auto"
-    hf = object.__new__(evaluate_module.HFEngine)
+    hf = object.__new__(engine_module.HFEngine)
     built = engine_module.build_engine("auto", args.model, hf, args.vllm, tiny_model_path, 8, 0)
     assert built is hf
 

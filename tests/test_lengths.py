@@ -45,7 +45,7 @@ def test_check_prompt_lengths_names_record_tokens_and_limit(tokenizer):
 
 
 def test_loop_refuses_an_overlong_passage_before_loading_a_model(tiny_model_path, tmp_path, monkeypatch):
-    monkeypatch.setattr(loop_module, "load_model", no_model)
+    monkeypatch.setattr("seal.runtime.load_model", no_model)
     args = tiny_args(tiny_model_path, tmp_path / "run", dataset_name=data_file(tmp_path), num_passages=None)
     with pytest.raises(
         DataValidationError, match=r"record huge: field 'context': the self-edit prompt is \d+"
@@ -54,7 +54,7 @@ def test_loop_refuses_an_overlong_passage_before_loading_a_model(tiny_model_path
 
 
 def test_loop_overlong_error_mode_refuses_before_loading_a_model(tiny_model_path, tmp_path, monkeypatch):
-    monkeypatch.setattr(loop_module, "load_model", no_model)
+    monkeypatch.setattr("seal.runtime.load_model", no_model)
     args = tiny_args(tiny_model_path, tmp_path / "run", ttt_overlong="error")  # sample passages > 64 tokens
     with pytest.raises(
         DataValidationError, match=r"record \S+: field 'context': \d+ tokens .*ttt_max_length=64"
@@ -63,7 +63,7 @@ def test_loop_overlong_error_mode_refuses_before_loading_a_model(tiny_model_path
 
 
 def test_evaluate_refuses_an_overlong_passage_before_loading_a_model(tiny_model_path, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate_module, "load_model", no_model)
+    monkeypatch.setattr("seal.runtime.load_model", no_model)
     args = eval_args(tiny_model_path, tmp_path / "eval", eval_dataset=data_file(tmp_path))
     with pytest.raises(DataValidationError, match="record huge: field 'context'"):
         evaluate_module.evaluate(args)

@@ -5,7 +5,6 @@ import pytest
 from peft import PeftModel
 from trl import ModelConfig, SFTConfig
 
-from seal import loop as loop_module
 from seal.config import (
     DataConfig,
     FilterConfig,
@@ -180,7 +179,7 @@ def test_bad_data_is_refused_before_any_model_loads(tiny_model_path, tmp_path, m
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "x", "context": "c", "questions": [{"question": "q"}]}) + "\n")
     monkeypatch.setattr(
-        loop_module, "load_model", lambda *a, **k: pytest.fail("model loaded before validation")
+        "seal.runtime.load_model", lambda *a, **k: pytest.fail("model loaded before validation")
     )
     with pytest.raises(DataValidationError, match=r"bad.jsonl: record 0 \(id=x\): field 'questions\[0\]'"):
         run(tiny_args(tiny_model_path, tmp_path / "run", dataset_name=str(bad)))

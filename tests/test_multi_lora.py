@@ -17,6 +17,7 @@ from seal.data import QA, Passage
 from seal.generate import HFEngine, Sampling
 from seal.generate.hf import stack_adapter
 from seal.graders import make_grader
+from seal.memory import parallel_adapters
 from seal.multi_lora import (
     MaskedRows,
     PaddedLayout,
@@ -27,17 +28,9 @@ from seal.multi_lora import (
     find_targets,
 )
 from seal.reward import Rewarder
+from seal.sequences import balanced_rows, pack_sequences
 from seal.templates import TrainExample
-from seal.ttt import (
-    ADAPTER,
-    IGNORE_INDEX,
-    TTT,
-    BatchedTTT,
-    balanced_rows,
-    pack_sequences,
-    parallel_adapters,
-    wrap_for_adapters,
-)
+from seal.ttt import ADAPTER, IGNORE_INDEX, TTT, BatchedTTT, wrap_for_adapters
 from seal.utils import frozen_linears_in
 from tests.conftest import build_tiny_model
 

@@ -239,8 +239,8 @@ def test_page_escapes_model_text_and_allows_only_its_own_script():
     page = render_page(rows_fixture(), 'run"<x>', 0)
     assert "<script>window.pwned" not in page and "<img src=x" not in page
     assert "&lt;script&gt;window.pwned = 1&lt;/script&gt;" in page
-    assert 'data-passage-id="p&quot;2&lt;b&gt;"' in page and 'data-run="run&quot;&lt;x&gt;"' in page
-    assert page.count("<script>") == 1 and "script-src &#x27;sha256-" in page  # CSP: only the page's script
+    assert 'data-passage-id="p&#34;2&lt;b&gt;"' in page and 'data-run="run&#34;&lt;x&gt;"' in page
+    assert page.count("<script>") == 1 and "script-src &#39;sha256-" in page  # CSP: only the page's script
     assert "http://" not in page and "https://" not in page  # self-contained: nothing to fetch
 
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from seal import loop as loop_module
 from seal.data import DataValidationError
 from seal.inner_loop import InnerLoop
 from seal.journal import Journal
@@ -140,7 +139,7 @@ def test_heldout_evaluation_every_round_and_resume(tiny_model_path, tmp_path, mo
 def test_heldout_passages_that_are_trained_on_are_refused_before_models_load(
     tiny_model_path, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(loop_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("seal.runtime.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     args = tiny_args(tiny_model_path, tmp_path / "run", **{**HELDOUT, "heldout_split": "eval"})
     with pytest.raises(DataValidationError, match="held-out passages must never be trained on"):
         run(args)

@@ -7,20 +7,10 @@ from peft import PeftModel
 from seal import ttt as ttt_module
 from seal.config import GenerateConfig, TTTConfig
 from seal.data import DataValidationError, Passage
+from seal.memory import tokens_per_step
+from seal.sequences import check_overlong, check_passages_fit, collate, split_sequence, tokenize_examples
 from seal.templates import TrainExample
-from seal.ttt import (
-    ADAPTER,
-    IGNORE_INDEX,
-    TTT,
-    BatchedTTT,
-    check_overlong,
-    check_passages_fit,
-    collate,
-    split_sequence,
-    tokenize_examples,
-    tokens_per_step,
-    wrap_for_adapters,
-)
+from seal.ttt import ADAPTER, IGNORE_INDEX, TTT, BatchedTTT, wrap_for_adapters
 from tests.conftest import build_tiny_model
 
 EXAMPLES = [

@@ -45,7 +45,7 @@ def test_sft_dataset_formats(tokenizer):
 def test_update_adapter_changes_the_generator(tiny_model_path, tokenizer, tmp_path):
     model_args = ModelConfig(use_peft=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])
     record = update_generator(tiny_model_path, KEPT, model_args, sft_args(tmp_path / "t"), tmp_path / "u")
-    assert record["kind"] == "adapter" and record["num_examples"] == 2 and record["train_loss"] > 0
+    assert record.kind == "adapter" and record.num_examples == 2 and record.train_loss > 0
     assert finished_update(tmp_path / "u") == record
     assert finished_update(tmp_path / "nothing") is None
     base = build_tiny_model(tokenizer)
@@ -61,7 +61,7 @@ def test_update_merged_is_a_full_model(tiny_model_path, tmp_path):
     record = update_generator(
         tiny_model_path, KEPT, model_args, sft_args(tmp_path), tmp_path / "u", merge=True
     )
-    assert record["kind"] == "model"
+    assert record.kind == "model"
     from seal.models import load_model, load_tokenizer
 
     load_model(record["path"]), load_tokenizer(record["path"])

@@ -1,0 +1,39 @@
+"""scripts/reward_noise.py: the variance split and the top-1 agreement it reports."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "reward_noise.py"
+
+
+@pytest.fixture(scope="module")
+def noise():
+    spec = importlib.util.spec_from_file_location("reward_noise", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pure_seed_noise_has_no_self_edit_share(noise):
+    # both self-edits of each passage are the same draw of noise: their means differ only by it
+    acc = {"a": {0: [0.0, 0.5], 1: [0.5, 0.0]}, "b": {0: [0.25, 0.25], 1: [0.25, 0.25]}}
+    parts = noise.variance_components(acc)
+    assert parts["self_edit_share"] == 0.0 and parts["within_sd"] > 0
+
+
+def test_noise_free_differences_are_all_self_edit(noise):
+    acc = {"a": {0: [0.5, 0.5, 0.5], 1: [0.0, 0.0, 0.0]}, "b": {0: [0.2] * 3, 1: [0.6] * 3}}
+    parts = noise.variance_components(acc)
+    assert parts["within_sd"] == 0.0 and parts["self_edit_share"] == 1.0
+    assert parts["between_sd"] == pytest.approx(((0.125 + 0.08) / 2) ** 0.5)  # sample variance of 2 means
+
+
+def test_top1_agreement_compares_seed_0_with_the_other_seeds(noise):
+    acc = {
+        "a": {0: [0.5, 0.5, 0.5], 1: [0.0, 0.0, 0.0]},  # agree: self-edit 0
+        "b": {0: [0.5, 0.0, 0.0], 1: [0.0, 0.5, 0.5]},  # seed 0 picks 0, the others 1
+    }
+    assert noise.top1_agreement(acc) == 0.5
+    assert noise.top1_agreement({"a": {0: [0.5], 1: [0.0]}}) is None  # one seed: nothing to compare
