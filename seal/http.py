@@ -1,5 +1,5 @@
-"""A small JSON-over-HTTP client with retries (standard library only), shared by the endpoint judge and the
-vLLM server generator.
+"""A small JSON-over-HTTP client with retries on httpx, shared by the endpoint judge and the vLLM server
+engine (httpx sends; the retry, redaction and error policy below are seal's).
 
 Connection errors, timeouts, HTTP 429 and HTTP 5xx are retried with exponential backoff; other HTTP errors
 raise :class:`EndpointError` at once. Loopback hosts bypass any configured proxy, redirects are never
@@ -10,16 +10,15 @@ shown without credentials or query string.
 
 from __future__ import annotations
 
-import http.client
 import ipaddress
 import json
 import os
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Collection
 from typing import Any
+
+import httpx
 
 __all__ = ["EndpointError", "JSONClient", "is_loopback", "redact_url"]
 
@@ -67,13 +66,6 @@ def _default_retry(status: int) -> bool:
     return status == 429 or status >= 500
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Turn every 3xx into an HTTPError instead of following it (with our Authorization header)."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201
-        return None
-
-
 class JSONClient:
     """JSON requests to ``base_url + path`` with retries; see the module docstring for the policy.
 
@@ -111,10 +103,8 @@ class JSONClient:
         self.max_backoff = float(max_backoff)
         self.error_cls = error_cls
         self.label = label
-        handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
-        if is_loopback(parsed.hostname):
-            handlers.append(urllib.request.ProxyHandler({}))
-        self._opener = urllib.request.build_opener(*handlers)
+        # A 3xx comes back as an error reply (never followed); loopback hosts ignore proxy settings.
+        self._client = httpx.Client(follow_redirects=False, trust_env=not is_loopback(parsed.hostname))
 
     def __repr__(self) -> str:
         return (
@@ -201,36 +191,34 @@ class JSONClient:
                 headers["Content-Type"] = "application/json"
             if api_key:
                 headers["Authorization"] = f"Bearer {api_key}"
-            req = urllib.request.Request(url, data=data, headers=headers, method=method)
             tries = attempt + 1
             try:
-                with self._opener.open(req, timeout=timeout or self.timeout) as response:
-                    return response.status, response.read().decode("utf-8", errors="replace")
-            except urllib.error.HTTPError as exc:
-                try:
-                    err_body = exc.read().decode("utf-8", errors="replace")
-                except (OSError, http.client.HTTPException):
-                    err_body = ""
-                kept = self.scrub(err_body)[:BODY_KEEP_CHARS]
-                last_error = f"HTTP {exc.code} from {shown_url}: {kept[:BODY_SNIPPET_CHARS]!r}"
-                if should_retry(exc.code) and attempt < self.max_retries:
-                    self._sleep_before_retry(attempt)
-                    continue
-                raise self.error_cls(
-                    f"{self.label} failed after {tries} attempt(s): {last_error}",
-                    url=shown_url,
-                    status=exc.code,
-                    body=kept,
-                ) from None
-            except (OSError, http.client.HTTPException) as exc:  # URLError, refused, reset, timeout
-                reason = getattr(exc, "reason", exc)
-                last_error = f"connection error to {shown_url}: {self.scrub(str(reason))}"
+                response = self._client.request(
+                    method, url, content=data, headers=headers, timeout=timeout or self.timeout
+                )
+                text = response.content.decode("utf-8", errors="replace")
+            except (httpx.TransportError, OSError) as exc:  # refused, reset, timeout, protocol errors
+                reason = str(exc) or type(exc).__name__
+                last_error = f"connection error to {shown_url}: {self.scrub(reason)}"
                 if attempt < self.max_retries:
                     self._sleep_before_retry(attempt)
                     continue
                 raise self.error_cls(
                     f"{self.label} failed after {tries} attempt(s): {last_error}", url=shown_url
                 ) from None
+            if 200 <= response.status_code < 300:
+                return response.status_code, text
+            kept = self.scrub(text)[:BODY_KEEP_CHARS]
+            last_error = f"HTTP {response.status_code} from {shown_url}: {kept[:BODY_SNIPPET_CHARS]!r}"
+            if should_retry(response.status_code) and attempt < self.max_retries:
+                self._sleep_before_retry(attempt)
+                continue
+            raise self.error_cls(
+                f"{self.label} failed after {tries} attempt(s): {last_error}",
+                url=shown_url,
+                status=response.status_code,
+                body=kept,
+            ) from None
         raise self.error_cls(f"{self.label} failed: {last_error}", url=shown_url)  # pragma: no cover
 
     def _json(self, path: str, status: int, body: str) -> dict[str, Any]:
