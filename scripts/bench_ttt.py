@@ -241,7 +241,7 @@ def ours(
         t0 = time.perf_counter()
         batched.apply([e.examples for e in chunk], [task_seed(tag, e.passage_id, e.index) for e in chunk])
         train_seconds += time.perf_counter() - t0
-        generator.stack = batched.stack
+        generator.serve_stack(batched.stack)
         scores = rewarder.score(
             [by_id[e.passage_id] for e in chunk], [stack_adapter(i) for i in range(len(chunk))]
         )

@@ -204,12 +204,49 @@ class MaskedRows:
         return self._masks[dtype]
 
 
+class StepGradients:
+    """Where one training step's LoRA gradients go, handed to the LoRA nodes (their ``sink``) and to
+    :class:`_CastStack`: per module matrix a view (`views`, in the compute dtype) of a kept buffer whose
+    (G, P) rows (`buffer`) are the cast stack's gradient, and each routed adapter's kept float32 gradient
+    (`kept`, adapter -> tensor, reused from step to step). With :class:`MaskedRows` the views are in the
+    matrices' layout and `copies` (stack-layout views, matrix-layout views) maps them back."""
+
+    def __init__(
+        self,
+        views: list[torch.Tensor],
+        buffer: torch.Tensor,
+        copies: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
+        kept: dict[int, torch.Tensor],
+        groups: list[int],
+    ):
+        self.views, self.buffer, self.copies, self.kept, self.groups = views, buffer, copies, kept, groups
+        self.written: set[int] = set()  # matrices whose view holds this backward's gradient
+
+    def slices(self, i: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Module i's (G, r, in) and (G, out, r) gradient slices, and whether they already hold a gradient
+        of this backward (then add to them, else overwrite)."""
+        written = 2 * i in self.written
+        self.written.update((2 * i, 2 * i + 1))
+        return self.views[2 * i], self.views[2 * i + 1], written
+
+    def rows(self) -> torch.Tensor:
+        """The (G, P) gradient of the cast stack once backward has passed every module (slices of modules
+        that did not run are zeroed)."""
+        for j, view in enumerate(self.views):
+            if j not in self.written:
+                view.zero_()
+        self.written = set()  # the next backward starts afresh
+        if self.copies is not None:  # MaskedRows: from its matrices' layout to the stack's
+            torch._foreach_copy_(*self.copies)
+        return self.buffer
+
+
 class _CastStack(torch.autograd.Function):
     """The routed adapters' flat weights cast into rows of a reused buffer: (G, P) in the compute dtype.
 
     Every module's A and B are read from this buffer outside autograd (views of it, or from `DENSE_FROM`
     adapters on contiguous copies: :meth:`StackedLoRA._matrices`); :class:`_LoRADelta` writes their
-    gradients into the same slices of a second reused buffer (:meth:`StackedLoRA._gradient_slices`) and hands
+    gradients into the same slices of a second reused buffer (:class:`StepGradients`) and hands
     autograd none, so this node's backward gets no gradient (``None``) and runs after all of theirs: it
     copies each row of that buffer into its adapter's float32 ``.grad``, a converting copy into a buffer
     kept for the adapter from step to step when the gradient was cleared (``zero_grad()``), else an add.
@@ -220,9 +257,9 @@ class _CastStack(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, stack: StackedLoRA, buffer: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:  # noqa: ANN205
+    def forward(ctx, step: StepGradients, buffer: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:  # noqa: ANN205
         ctx.set_materialize_grads(False)
-        ctx.stack, ctx.weights, ctx.groups = stack, weights, list(stack._groups)
+        ctx.step, ctx.weights = step, weights
         for row, weight in zip(buffer, weights, strict=False):
             row.copy_(weight)
         return buffer[: len(weights)]
@@ -230,13 +267,12 @@ class _CastStack(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: None):  # noqa: ANN205
         # `grad` is None: the output's only consumers, the _LoRADelta nodes, return no gradient for it
-        stack = ctx.stack
-        rows = stack._gradient_rows(len(ctx.weights))
-        for k, row, weight in zip(ctx.groups, rows, ctx.weights, strict=True):
+        step = ctx.step
+        for k, row, weight in zip(step.groups, step.rows(), ctx.weights, strict=True):
             if weight.grad is None:  # a plain converting copy into the adapter's kept buffer
-                if k not in stack._grads:
-                    stack._grads[k] = torch.empty_like(weight)
-                weight.grad = stack._grads[k].copy_(row)
+                if k not in step.kept:
+                    step.kept[k] = torch.empty_like(weight)
+                weight.grad = step.kept[k].copy_(row)
             else:
                 # converting first: an in-place add of a bf16 into a float32 tensor runs ~10x slower
                 weight.grad.add_(row.to(weight.dtype))
@@ -252,8 +288,8 @@ class _LoRADelta(torch.autograd.Function):
     ~10 nodes per module (transposes, views, the scale, two matmuls, the gathers) whose fixed cost dominates
     the small steps of TTT at batch 1. `padded` is ``layout.blocks(x)`` when the caller has it already
     (modules reading the same input share it). With `sink` ``(stack, i)``, A and B were read from the (G, P)
-    tensor `link` outside autograd and their gradients go to the slices ``stack._gradient_slices(i)``
-    instead (see :class:`_CastStack`); `link` only ties this node to the graph.
+    tensor `link` outside autograd and their gradients go to the slices ``step.slices(i)`` of the step's
+    :class:`StepGradients` instead (see :class:`_CastStack`); `link` only ties this node to the graph.
     """
 
     @staticmethod
@@ -266,7 +302,7 @@ class _LoRADelta(torch.autograd.Function):
         layout: PaddedLayout,
         padded: torch.Tensor | None = None,
         link: torch.Tensor | None = None,
-        sink: tuple[StackedLoRA, int] | None = None,
+        sink: tuple[StepGradients, int] | None = None,
     ):
         padded = layout.blocks(x) if padded is None else padded
         h = _blocks_times(layout, padded, a.transpose(1, 2)).mul_(scaling)  # scaled on (rows, r): smallest
@@ -298,7 +334,7 @@ class _LoRADelta(torch.autograd.Function):
 class _LoRAMasked(torch.autograd.Function):
     """``output += x [A_0; ...]^T * mask [B_0, ...]^T`` in place (:class:`MaskedRows`): x (T, in), A (G * r,
     in), B (out, G * r), mask (T, G * r) with the scaling in it. `link` and `sink` as for :class:`_LoRADelta`
-    (A's and B's gradients then go to the slices ``stack._gradient_slices(i)``, in these shapes)."""
+    (A's and B's gradients then go to the slices ``step.slices(i)``, in these shapes)."""
 
     @staticmethod
     def forward(  # noqa: ANN205
@@ -309,7 +345,7 @@ class _LoRAMasked(torch.autograd.Function):
         b: torch.Tensor,
         mask: torch.Tensor,
         link: torch.Tensor | None = None,
-        sink: tuple[StackedLoRA, int] | None = None,
+        sink: tuple[StepGradients, int] | None = None,
     ):
         h = torch.mm(x, a.t()).mul_(mask)
         output.view(-1, output.shape[-1]).addmm_(h, b.t())
@@ -339,12 +375,12 @@ class _LoRAMasked(torch.autograd.Function):
 def _gradient_targets(
     ctx: torch.autograd.function.FunctionCtx, a: torch.Tensor, b: torch.Tensor, wanted: bool
 ) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
-    """Where a LoRA node's backward writes A's and B's gradients: with ``ctx.sink`` the stack's slices for
+    """Where a LoRA node's backward writes A's and B's gradients: with ``ctx.sink`` the step's slices for
     them (and whether they already hold a gradient of this backward: then add), else fresh tensors for
     autograd; None when autograd wants neither."""
     if ctx.sink is not None:
-        stack, i = ctx.sink
-        return stack._gradient_slices(i)
+        step, i = ctx.sink
+        return step.slices(i)
     if wanted:
         return torch.empty_like(a), torch.empty_like(b), False
     return None
@@ -421,9 +457,7 @@ class StackedLoRA(nn.Module):
         self._grad_buffer: torch.Tensor | None = None  # their gradients, same layout (see _CastStack)
         self._dense_buffer: torch.Tensor | None = None  # the routed matrices, each contiguous (_matrices)
         self._grad_cat_buffer: torch.Tensor | None = None  # their gradients for MaskedRows (_matrices)
-        self._grad_copies: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # see _gradient_rows
-        self._grad_views: list[torch.Tensor] = []  # per matrix, its gradient's view (_grad_buffer or cat)
-        self._written: set[int] = set()  # matrices whose gradient slice holds this backward's gradient
+        self._step: StepGradients | None = None  # where this forward's LoRA gradients go (training)
         self._link: torch.Tensor | None = None  # this forward's _CastStack output (ties the graph)
         self._views: dict[tuple, tuple[torch.Tensor, tuple]] = {}  # see _buffer_views
         self._cache: dict[tuple, list[torch.Tensor]] = {}
@@ -455,7 +489,7 @@ class StackedLoRA(nn.Module):
             weight.grad = None
         self._grads.clear()
         self._cast_buffer = self._grad_buffer = self._dense_buffer = self._grad_cat_buffer = None
-        self._grad_views, self._grad_copies = [], None
+        self._step = None
         self._views.clear()
 
     def invalidate(self) -> None:
@@ -489,17 +523,20 @@ class StackedLoRA(nn.Module):
             return self._cache[key]
         layout = "cat" if masked else "dense" if rows >= DENSE_FROM or not grad else "rows"
         if grad:
-            self._link = _CastStack.apply(self, self._buffer("_cast_buffer", rows, dtype), *weights)
-            _, cast = self._buffer_views("_cast_buffer", rows, dtype)
             _, row_grads = self._buffer_views("_grad_buffer", rows, dtype)
-            self._grad_views, self._grad_copies, self._written = row_grads, None, set()
+            grad_views, grad_copies = row_grads, None
+            if masked:  # gradients in the matrices' layout, copied to the stack's in StepGradients.rows
+                in_matrix_layout, grad_views = self._buffer_views("_grad_cat_buffer", rows, dtype, layout)
+                grad_copies = (row_grads, in_matrix_layout)
+            self._step = StepGradients(
+                grad_views, self._grad_buffer[:rows], grad_copies, self._grads, list(self._groups)
+            )
+            self._link = _CastStack.apply(self._step, self._buffer("_cast_buffer", rows, dtype), *weights)
+            _, cast = self._buffer_views("_cast_buffer", rows, dtype)
             mats = cast
             if layout != "rows":
                 copies, mats = self._buffer_views("_dense_buffer", rows, dtype, layout)
                 torch._foreach_copy_(copies, cast)
-            if masked:  # gradients in the matrices' layout, copied to the stack's in _gradient_rows
-                grad_copies, self._grad_views = self._buffer_views("_grad_cat_buffer", rows, dtype, layout)
-                self._grad_copies = (row_grads, grad_copies)
         else:
             stacked = torch.stack(weights).to(dtype)
             copies, mats = self._laid_out(torch.empty_like(stacked), layout)
@@ -547,24 +584,6 @@ class StackedLoRA(nn.Module):
         pieces = flat.split(self._sizes, dim=1)
         return [piece.unflatten(1, shape) for piece, shape in zip(pieces, self._shapes, strict=True)]
 
-    def _gradient_slices(self, i: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Module i's (G, r, in) and (G, out, r) slices of the gradient buffer, and whether they already hold
-        a gradient of this backward (then add to them, else overwrite)."""
-        written = 2 * i in self._written
-        self._written.update((2 * i, 2 * i + 1))
-        return self._grad_views[2 * i], self._grad_views[2 * i + 1], written
-
-    def _gradient_rows(self, rows: int) -> torch.Tensor:
-        """The (G, P) gradient of the cast stack once backward has passed every module (slices of modules
-        that did not run are zeroed)."""
-        for j, view in enumerate(self._grad_views):
-            if j not in self._written:
-                view.zero_()
-        self._written = set()  # the next backward starts afresh
-        if self._grad_copies is not None:  # MaskedRows: from its matrices' layout to the stack's
-            torch._foreach_copy_(*self._grad_copies)
-        return self._grad_buffer[:rows]
-
     def _buffer(self, name: str, rows: int, dtype: torch.dtype) -> torch.Tensor:
         """The (rows, P) tensor of `dtype` kept in attribute `name` from step to step (fresh large tensors are
         page-faulted in anew each time)."""
@@ -599,7 +618,7 @@ class StackedLoRA(nn.Module):
             x, padded = self._input(inputs[0], dtype)
             if isinstance(self.dropout, nn.Dropout) and self.dropout.training:
                 x, padded = self.dropout(x), None  # a mask of its own per module, as in PEFT
-            sink = (self, i) if self._link is not None and torch.is_grad_enabled() else None
+            sink = (self._step, i) if self._link is not None and torch.is_grad_enabled() else None
             if isinstance(self._layout, MaskedRows):
                 mask = self._layout.mask(dtype, x.shape[0])
                 return _LoRAMasked.apply(output, x, a, b, mask, self._link, sink)

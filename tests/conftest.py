@@ -110,7 +110,7 @@ def passage_adapters(embedded_path, tokenizer, tmp_path_factory):
     passages = load_passages("sample", "eval")[:2]
     base = rewarder.score(passages, adapter=None)
     losses = batched.apply([passage_examples(p) for p in passages], seeds=[0, 1])
-    generator.stack = batched.stack
+    generator.serve_stack(batched.stack)
     root = tmp_path_factory.mktemp("adapters")
     return {
         "passages": passages,

@@ -17,6 +17,7 @@ from seal.data import QA, Passage
 from seal.generate import HFEngine, Sampling
 from seal.generate.hf import stack_adapter
 from seal.graders import make_grader
+from seal.losses import IGNORE_INDEX
 from seal.memory import parallel_adapters
 from seal.multi_lora import (
     MaskedRows,
@@ -30,7 +31,7 @@ from seal.multi_lora import (
 from seal.reward import Rewarder
 from seal.sequences import balanced_rows, pack_sequences
 from seal.templates import TrainExample
-from seal.ttt import ADAPTER, IGNORE_INDEX, TTT, BatchedTTT, wrap_for_adapters
+from seal.ttt import ADAPTER, TTT, BatchedTTT, wrap_for_adapters
 from seal.utils import frozen_linears_in
 from tests.conftest import build_tiny_model
 
@@ -223,7 +224,7 @@ def test_stacked_generation_matches_each_adapter_loaded_in_peft(tokenizer, tmp_p
     batched = BatchedTTT(model, tokenizer, cfg)
     batched.apply(JOBS, SEEDS)
     generator = HFEngine(model, tokenizer, batch_size=3, autocast_setting="none")
-    generator.stack = batched.stack
+    generator.serve_stack(batched.stack)
     prompts = ["Zorvath was", "The capital of", "Mirelda", "x"]
     adapters = [stack_adapter(0), stack_adapter(2), stack_adapter(1), stack_adapter(0)]
     greedy = Sampling(max_new_tokens=6)
@@ -244,7 +245,7 @@ def test_rewarder_scores_each_passage_with_its_own_adapter(tokenizer):
     batched = BatchedTTT(model, tokenizer, cfg)
     batched.apply(JOBS[:2], SEEDS[:2])
     generator = HFEngine(model, tokenizer, autocast_setting="none")
-    generator.stack = batched.stack
+    generator.serve_stack(batched.stack)
     rewarder = Rewarder(generator, tokenizer, make_grader("contains"), RewardConfig(answer_max_new_tokens=4))
     passages = [
         Passage("a", "A", "ctx", [QA("Who founded Zorvath?", ["Ilsa Marrow"])]),

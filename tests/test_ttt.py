@@ -7,10 +7,11 @@ from peft import PeftModel
 from seal import ttt as ttt_module
 from seal.config import GenerateConfig, TTTConfig
 from seal.data import DataValidationError, Passage
+from seal.losses import IGNORE_INDEX
 from seal.memory import tokens_per_step
 from seal.sequences import check_overlong, check_passages_fit, collate, split_sequence, tokenize_examples
 from seal.templates import TrainExample
-from seal.ttt import ADAPTER, IGNORE_INDEX, TTT, BatchedTTT, wrap_for_adapters
+from seal.ttt import ADAPTER, TTT, BatchedTTT, wrap_for_adapters
 from tests.conftest import build_tiny_model
 
 EXAMPLES = [
