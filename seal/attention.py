@@ -1,7 +1,7 @@
 """A leaner eager attention for packed multi-adapter training on CPU (batched TTT).
 
 Why not transformers' own kernels: packed rows (several short sequences per row, see
-:func:`seal.sequences.pack_sequences`) need a block-diagonal causal mask, and on a CPU the eager implementation
+:func:`seal.sequences.pack_sequences`) need a block-diagonal causal mask, and on a CPU the eager kernel
 spends most of its attention time on elementwise passes over the (rows, heads, length, length) scores -
 scaling them, adding the float32 mask (which also promotes the bf16 scores to float32) and casting the
 softmax back to bf16 - about a fifth of a training step on SmolLM2-135M. SDPA's CPU kernel is slower still

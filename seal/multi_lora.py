@@ -32,15 +32,13 @@ from peft import LoraConfig, PeftModel
 from safetensors.torch import save_file
 from torch import nn
 
+from seal.lora_layouts import BUCKET_COST_ROWS, MaskedRows, PaddedLayout
+from seal.lora_ops import CastStack, LoRADelta, LoRAMasked, StepGradients
 from seal.utils import compute_dtype
 
 INIT_ADAPTER = "stacked-lora-init"
 DENSE_FROM = 4  # routed adapters from which each module's stacked matrices are made contiguous (_matrices)
 MASKED_UP_TO = 4  # most routed adapters for which a packed step masks rows instead (MaskedRows)
-# What one more block length costs in PaddedLayout, in padded rows (six more batched matmuls per module):
-# 30 SmolLM2 adapters at batch 1, steady steps, alternated in one process: one length 6.54 s per step,
-# 1024: 6.21, 512: 6.23, 256: 6.05; in an earlier round one length 9.34, 256: 8.11, 128: 8.98, 64: 9.29
-BUCKET_COST_ROWS = 256
 
 
 def find_targets(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Linear]:
@@ -60,355 +58,6 @@ def find_targets(model: nn.Module, target_modules: Sequence[str]) -> dict[str, n
     if not targets:
         raise ValueError(f"No Linear module of the model matches target_modules {sorted(wanted)}")
     return targets
-
-
-def _checked_groups(token_group: torch.Tensor, groups: int) -> torch.Tensor:
-    """`token_group` as long integers, after checking that it names only the `groups` routed adapters."""
-    group = token_group.to(torch.long)
-    if group.numel() and int(group.max()) >= groups:
-        raise IndexError(f"token_group holds adapter {int(group.max())}, but only {groups} are routed")
-    return group
-
-
-def _buckets(counts: Sequence[int], cost: int) -> list[tuple[int, int, int]]:
-    """Consecutive adapters grouped so that each group's blocks are as long as its largest share: (first,
-    end, block) per group, minimising the padded rows plus `cost` per group (an O(G^2) dynamic program).
-    Adapters ordered by share, largest first (as batched TTT routes them), make any grouping reachable."""
-    best = [0] + [math.inf] * len(counts)
-    last = [(0, 0)] * (len(counts) + 1)  # per end, the best last group's first adapter and block
-    for end in range(1, len(counts) + 1):
-        block = 1
-        for first in range(end - 1, -1, -1):
-            block = max(block, counts[first])
-            value = best[first] + (end - first) * block + cost
-            if value < best[end]:
-                best[end], last[end] = value, (first, block)
-    out, end = [], len(counts)
-    while end:
-        first, block = last[end]
-        out.append((first, end, block))
-        end = first
-    return out[::-1]
-
-
-class PaddedLayout:
-    """How the T rows of a batch, each of one of G adapters or of none, are laid out as zero-padded blocks,
-    one per adapter, for batched matmuls, and back.
-
-    ``token_group[t]`` is the adapter (0..G-1) of row t, or -1 for a row no adapter acts on (the padding at
-    the end of a packed row: it keeps the base model's output). Adapter g's rows, in order, fill the start
-    of block g. Consecutive adapters form buckets whose blocks are as long as the bucket's largest share
-    (:func:`_buckets`, weighing the padding saved against `bucket_cost` rows per extra bucket: with a few
-    long sequences among many short ones one block length for all nearly doubled the rows of batched TTT's
-    steps); each bucket is one batched matmul. :meth:`blocks` lays rows out so (the rest of each block
-    zero), :meth:`packed` takes a blocked result back to the T rows (zero for rows of no adapter), and
-    :meth:`spread` lays a (T, d) gradient out in blocks with copies of arbitrary rows in the padding: exact
-    in :class:`_LoRADelta`, where the padding rows' inputs are zero and so are their contributions to the
-    weight gradients. Each direction is one row copy or gather, where autograd's own backward of a gather
-    zero-fills the padded shape and scatter-adds into it. The rows of no adapter are parked past the blocks
-    (one row each, so no index repeats), and a result to be :meth:`packed` carries one zero row after its
-    blocks for them to read (:func:`_blocks_times` with ``tail``). Without `token_group`, or when the rows
-    already are G equal blocks in order, every method returns its input.
-    """
-
-    def __init__(self, groups: int, token_group: torch.Tensor | None = None, bucket_cost: int | None = None):
-        self.groups = groups
-        self.slot = self.take = self.source = None
-        self.rows = self.parked = 0  # rows of the padded layout (when not the identity), rows of no adapter
-        self.buckets: list[tuple[slice, slice, int]] | None = None  # adapters, rows, block; None: identity
-        if token_group is None:
-            return
-        group = _checked_groups(token_group, groups)
-        real = group >= 0
-        counts = torch.bincount(group[real], minlength=groups)
-        position = torch.arange(group.numel(), device=group.device)
-        top = max(int(counts.max()), 1)
-        if bool(real.all()) and bool((counts == top).all()) and bool((group == position // top).all()):
-            return  # already G equal blocks in order
-        cost = BUCKET_COST_ROWS if bucket_cost is None else bucket_cost
-        start = torch.zeros(groups, dtype=torch.long)  # each adapter's first row in the layout
-        self.buckets = []
-        for first, end, block in _buckets(counts.tolist(), cost):
-            start[first:end] = self.rows + block * torch.arange(end - first)
-            self.buckets.append(
-                (slice(first, end), slice(self.rows, self.rows + (end - first) * block), block)
-            )
-            self.rows += (end - first) * block
-        start = start.to(group.device)
-        # each real row's rank among its adapter's rows: a stable sort by adapter, minus the run's start
-        order = torch.sort(group.masked_fill(~real, groups), stable=True).indices[: int(real.sum())]
-        in_order = group[order]
-        rank = position[: order.numel()] - (torch.cumsum(counts, 0) - counts)[in_order]
-        self.take = torch.full_like(group, self.rows)  # rows of no adapter read the zero row
-        self.take[order] = start[in_order] + rank
-        self.parked = int((~real).sum())
-        self.slot = self.take.clone()
-        self.slot[~real] = self.rows + position[: self.parked]
-        self.source = torch.zeros(self.rows, dtype=torch.long, device=group.device)
-        self.source[self.take[order]] = order
-
-    def blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, d) -> (padded rows, d), padding rows zero."""
-        if self.slot is not None:
-            if x.shape[0] != self.slot.numel():
-                raise RuntimeError(f"{x.shape[0]} rows routed, but token_group has {self.slot.numel()}")
-            out = x.new_zeros(self.rows + self.parked, x.shape[-1]).index_copy_(0, self.slot, x)
-            return out[: self.rows]
-        if x.shape[0] % self.groups:
-            raise RuntimeError(f"{x.shape[0]} rows cannot be split into {self.groups} adapter groups")
-        return x
-
-    def packed(self, y: torch.Tensor) -> torch.Tensor:
-        """(padded rows + 1, d), the last row zero -> (T, d): the real rows in packed order, zero rows for
-        rows of no adapter."""
-        return y if self.take is None else y.index_select(0, self.take)
-
-    def spread(self, grad: torch.Tensor) -> torch.Tensor:
-        """(T, d) -> (padded rows, d), padding rows copies of arbitrary rows (see the class docstring)."""
-        return grad if self.source is None else grad.index_select(0, self.source)
-
-    def pieces(self, x: torch.Tensor) -> list[tuple[slice, slice, torch.Tensor]]:
-        """(padded rows, d) -> per bucket, its adapters, its rows and those rows as (adapters, block, d)."""
-        if self.buckets is None:  # the identity: one bucket of G equal blocks
-            block = x.shape[0] // self.groups
-            return [(slice(0, self.groups), slice(0, x.shape[0]), x.view(self.groups, block, x.shape[-1]))]
-        return [(a, r, x[r].view(a.stop - a.start, block, x.shape[-1])) for a, r, block in self.buckets]
-
-
-class MaskedRows:
-    """Rows routed to a few adapters by a mask instead of a layout (:class:`_LoRAMasked`): each module
-    multiplies all T rows with all G adapters' A at once, ``x [A_0; ...; A_{G-1}]^T`` (T, G * r), keeps in
-    each row only the r columns of its own adapter (none for a row of no adapter), scaled, and multiplies
-    with ``[B_0, ..., B_{G-1}]`` (out, G * r), adding into the module's output: two matmuls and a multiply
-    per module, four and a multiply in backward, where :class:`PaddedLayout` takes as many batched matmuls
-    plus five or six index and fill ops. On a CPU each op costs tens of microseconds however small (a bf16
-    matmul of a 200-token step ~60 us), which dominates the small steps at the end of batched TTT, where
-    few adapters are left: on the bench's 16 self-edits a step of 2 adapters took 408 instead of 456 ms, of
-    3-4 adapters 634 instead of 671 ms, of 5-8 adapters 1,043 against 1,050 ms. The work grows with G, so
-    it is used up to `MASKED_UP_TO` adapters.
-    """
-
-    def __init__(self, groups: int, token_group: torch.Tensor, r: int, scaling: float):
-        group = _checked_groups(token_group, groups)
-        self.groups, self.rows = groups, group.numel()
-        columns = torch.arange(groups, device=group.device).repeat_interleave(r)
-        self._mask = (group.unsqueeze(1) == columns) * scaling  # (T, G * r): scaling or 0
-        self._masks: dict[torch.dtype, torch.Tensor] = {}
-
-    def mask(self, dtype: torch.dtype, rows: int) -> torch.Tensor:
-        """The (T, G * r) mask in `dtype` for a module input of `rows` rows (checked against T)."""
-        if rows != self.rows:
-            raise RuntimeError(f"{rows} rows routed, but token_group has {self.rows}")
-        if dtype not in self._masks:
-            self._masks[dtype] = self._mask.to(dtype)
-        return self._masks[dtype]
-
-
-class StepGradients:
-    """Where one training step's LoRA gradients go, handed to the LoRA nodes (their ``sink``) and to
-    :class:`_CastStack`: per module matrix a view (`views`, in the compute dtype) of a kept buffer whose
-    (G, P) rows (`buffer`) are the cast stack's gradient, and each routed adapter's kept float32 gradient
-    (`kept`, adapter -> tensor, reused from step to step). With :class:`MaskedRows` the views are in the
-    matrices' layout and `copies` (stack-layout views, matrix-layout views) maps them back."""
-
-    def __init__(
-        self,
-        views: list[torch.Tensor],
-        buffer: torch.Tensor,
-        copies: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
-        kept: dict[int, torch.Tensor],
-        groups: list[int],
-    ):
-        self.views, self.buffer, self.copies, self.kept, self.groups = views, buffer, copies, kept, groups
-        self.written: set[int] = set()  # matrices whose view holds this backward's gradient
-
-    def slices(self, i: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Module i's (G, r, in) and (G, out, r) gradient slices, and whether they already hold a gradient
-        of this backward (then add to them, else overwrite)."""
-        written = 2 * i in self.written
-        self.written.update((2 * i, 2 * i + 1))
-        return self.views[2 * i], self.views[2 * i + 1], written
-
-    def rows(self) -> torch.Tensor:
-        """The (G, P) gradient of the cast stack once backward has passed every module (slices of modules
-        that did not run are zeroed)."""
-        for j, view in enumerate(self.views):
-            if j not in self.written:
-                view.zero_()
-        self.written = set()  # the next backward starts afresh
-        if self.copies is not None:  # MaskedRows: from its matrices' layout to the stack's
-            torch._foreach_copy_(*self.copies)
-        return self.buffer
-
-
-class _CastStack(torch.autograd.Function):
-    """The routed adapters' flat weights cast into rows of a reused buffer: (G, P) in the compute dtype.
-
-    Every module's A and B are read from this buffer outside autograd (views of it, or from `DENSE_FROM`
-    adapters on contiguous copies: :meth:`StackedLoRA._matrices`); :class:`_LoRADelta` writes their
-    gradients into the same slices of a second reused buffer (:class:`StepGradients`) and hands
-    autograd none, so this node's backward gets no gradient (``None``) and runs after all of theirs: it
-    copies each row of that buffer into its adapter's float32 ``.grad``, a converting copy into a buffer
-    kept for the adapter from step to step when the gradient was cleared (``zero_grad()``), else an add.
-    Autograd's own route (views of the output, then split-backward) concatenates the 420 pieces' gradients
-    into a fresh (G, P) tensor per step, 312 MB for 16 SmolLM2 adapters, page-faulted in anew each time
-    (86 ms against 27 ms into a kept buffer), and its float32 AccumulateGrad add ran at 25 ms per adapter
-    where the converting copy takes 2.7 ms. Tensor hooks on the flat parameters do not fire.
-    """
-
-    @staticmethod
-    def forward(ctx, step: StepGradients, buffer: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:  # noqa: ANN205
-        ctx.set_materialize_grads(False)
-        ctx.step, ctx.weights = step, weights
-        for row, weight in zip(buffer, weights, strict=False):
-            row.copy_(weight)
-        return buffer[: len(weights)]
-
-    @staticmethod
-    def backward(ctx, grad: None):  # noqa: ANN205
-        # `grad` is None: the output's only consumers, the _LoRADelta nodes, return no gradient for it
-        step = ctx.step
-        for k, row, weight in zip(step.groups, step.rows(), ctx.weights, strict=True):
-            if weight.grad is None:  # a plain converting copy into the adapter's kept buffer
-                if k not in step.kept:
-                    step.kept[k] = torch.empty_like(weight)
-                weight.grad = step.kept[k].copy_(row)
-            else:
-                # converting first: an in-place add of a bf16 into a float32 tensor runs ~10x slower
-                weight.grad.add_(row.to(weight.dtype))
-        return (None, None) + (None,) * len(ctx.weights)
-
-
-class _LoRADelta(torch.autograd.Function):
-    """``scaling * x A_g^T B_g^T`` for the packed rows x (T, in), each with its adapter g's A (r, in) and
-    B (out, r): the rows laid out as G equal blocks (`layout`), two batched matmuls over A (G, r, in) and
-    B (G, out, r), and the result back in packed order: (T, out).
-
-    One node with its backward written out (four batched matmuls and a scale): autograd's own graph holds
-    ~10 nodes per module (transposes, views, the scale, two matmuls, the gathers) whose fixed cost dominates
-    the small steps of TTT at batch 1. `padded` is ``layout.blocks(x)`` when the caller has it already
-    (modules reading the same input share it). With `sink` ``(stack, i)``, A and B were read from the (G, P)
-    tensor `link` outside autograd and their gradients go to the slices ``step.slices(i)`` of the step's
-    :class:`StepGradients` instead (see :class:`_CastStack`); `link` only ties this node to the graph.
-    """
-
-    @staticmethod
-    def forward(  # noqa: ANN205
-        ctx,
-        x: torch.Tensor,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scaling: float,
-        layout: PaddedLayout,
-        padded: torch.Tensor | None = None,
-        link: torch.Tensor | None = None,
-        sink: tuple[StepGradients, int] | None = None,
-    ):
-        padded = layout.blocks(x) if padded is None else padded
-        h = _blocks_times(layout, padded, a.transpose(1, 2)).mul_(scaling)  # scaled on (rows, r): smallest
-        ctx.save_for_backward(padded, a, b, h)
-        ctx.scaling, ctx.layout, ctx.sink = scaling, layout, sink
-        return layout.packed(_blocks_times(layout, h, b.transpose(1, 2), tail=True))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN205
-        padded, a, b, h = ctx.saved_tensors
-        layout = ctx.layout
-        grad = layout.spread(grad)
-        grad_h = _blocks_times(layout, grad, b).mul_(ctx.scaling)  # d/d(x A^T)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = layout.packed(_blocks_times(layout, grad_h, a, tail=True))
-        targets = _gradient_targets(ctx, a, b, ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
-        if targets is None:
-            return grad_x, None, None, None, None, None, None, None
-        grad_a, grad_b, add = targets
-        # exact despite the padding rows' copied gradients: their inputs, and so their h, are zero
-        _blocks_outer(layout, grad_h, padded, grad_a, add)
-        _blocks_outer(layout, grad, h, grad_b, add)
-        if ctx.sink is not None:
-            grad_a = grad_b = None
-        return grad_x, grad_a, grad_b, None, None, None, None, None
-
-
-class _LoRAMasked(torch.autograd.Function):
-    """``output += x [A_0; ...]^T * mask [B_0, ...]^T`` in place (:class:`MaskedRows`): x (T, in), A (G * r,
-    in), B (out, G * r), mask (T, G * r) with the scaling in it. `link` and `sink` as for :class:`_LoRADelta`
-    (A's and B's gradients then go to the slices ``step.slices(i)``, in these shapes)."""
-
-    @staticmethod
-    def forward(  # noqa: ANN205
-        ctx,
-        output: torch.Tensor,
-        x: torch.Tensor,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        mask: torch.Tensor,
-        link: torch.Tensor | None = None,
-        sink: tuple[StepGradients, int] | None = None,
-    ):
-        h = torch.mm(x, a.t()).mul_(mask)
-        output.view(-1, output.shape[-1]).addmm_(h, b.t())
-        ctx.mark_dirty(output)
-        ctx.save_for_backward(x, a, b, mask, h)
-        ctx.sink = sink
-        return output
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN205
-        x, a, b, mask, h = ctx.saved_tensors
-        flat = grad.reshape(-1, grad.shape[-1])
-        grad_h = torch.mm(flat, b).mul_(mask)
-        grad_x = torch.mm(grad_h, a) if ctx.needs_input_grad[1] else None
-        targets = _gradient_targets(ctx, a, b, ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
-        if targets is None:
-            return grad, grad_x, None, None, None, None, None
-        grad_a, grad_b, add = targets
-        beta = 1 if add else 0  # 0: the slices' old contents are ignored
-        grad_a.addmm_(grad_h.t(), x, beta=beta)
-        grad_b.addmm_(flat.t(), h, beta=beta)
-        if ctx.sink is not None:
-            grad_a = grad_b = None
-        return grad, grad_x, grad_a, grad_b, None, None, None
-
-
-def _gradient_targets(
-    ctx: torch.autograd.function.FunctionCtx, a: torch.Tensor, b: torch.Tensor, wanted: bool
-) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
-    """Where a LoRA node's backward writes A's and B's gradients: with ``ctx.sink`` the step's slices for
-    them (and whether they already hold a gradient of this backward: then add), else fresh tensors for
-    autograd; None when autograd wants neither."""
-    if ctx.sink is not None:
-        step, i = ctx.sink
-        return step.slices(i)
-    if wanted:
-        return torch.empty_like(a), torch.empty_like(b), False
-    return None
-
-
-def _blocks_times(layout: PaddedLayout, x: torch.Tensor, w: torch.Tensor, tail: bool = False) -> torch.Tensor:
-    """Rows x (padded rows, k) in `layout`'s blocks times their adapter's w (G, k, n): (padded rows, n), with
-    `tail` followed by the zero row :meth:`PaddedLayout.packed` reads for rows of no adapter."""
-    pieces = layout.pieces(x)
-    if len(pieces) == 1 and not (tail and layout.take is not None):
-        return torch.bmm(pieces[0][2], w).flatten(0, 1)
-    out = x.new_empty(x.shape[0] + (1 if tail else 0), w.shape[-1])
-    if tail:
-        out[x.shape[0]].zero_()
-    for adapters, rows, piece in pieces:
-        torch.bmm(piece, w[adapters], out=out[rows].view(piece.shape[0], -1, w.shape[-1]))
-    return out
-
-
-def _blocks_outer(
-    layout: PaddedLayout, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, add: bool
-) -> None:
-    """Per adapter g, its block's ``left^T right`` (left (padded rows, m), right (padded rows, n)) written
-    (or added) to out[g]."""
-    for (adapters, _, lhs), (_, _, rhs) in zip(layout.pieces(left), layout.pieces(right), strict=True):
-        product = torch.bmm(lhs.transpose(1, 2), rhs, out=None if add else out[adapters])
-        if add:  # the module ran more than once in this forward
-            out[adapters].add_(product)
 
 
 class StackedLoRA(nn.Module):
@@ -452,13 +101,13 @@ class StackedLoRA(nn.Module):
         self._layout: PaddedLayout | MaskedRows | None = None
         self._row_group: torch.Tensor | None = None  # see route(row_group=...) and _layout_rows
         self._row_length: int | None = None
-        self._grads: dict[int, torch.Tensor] = {}  # adapter -> its kept gradient buffer (see _CastStack)
+        self._grads: dict[int, torch.Tensor] = {}  # adapter -> its kept gradient buffer (see CastStack)
         self._cast_buffer: torch.Tensor | None = None  # the routed weights in the compute dtype (training)
-        self._grad_buffer: torch.Tensor | None = None  # their gradients, same layout (see _CastStack)
+        self._grad_buffer: torch.Tensor | None = None  # their gradients, same layout (see CastStack)
         self._dense_buffer: torch.Tensor | None = None  # the routed matrices, each contiguous (_matrices)
         self._grad_cat_buffer: torch.Tensor | None = None  # their gradients for MaskedRows (_matrices)
         self._step: StepGradients | None = None  # where this forward's LoRA gradients go (training)
-        self._link: torch.Tensor | None = None  # this forward's _CastStack output (ties the graph)
+        self._link: torch.Tensor | None = None  # this forward's CastStack output (ties the graph)
         self._views: dict[tuple, tuple[torch.Tensor, tuple]] = {}  # see _buffer_views
         self._cache: dict[tuple, list[torch.Tensor]] = {}
         self._routed: tuple[tuple, list[torch.Tensor]] | None = None  # this forward's matrices
@@ -509,7 +158,7 @@ class StackedLoRA(nn.Module):
         matrices are copied into a contiguous tensor, cached until :meth:`invalidate` (the bench's answer pass
         for 16 adapters: 9.0 instead of 10.9 s). With gradients, from `DENSE_FROM` adapters on, they are
         copied once per step, all in one ``_foreach_copy_`` into a kept buffer, outside autograd
-        (``self._link`` is the stack's autograd output; see :class:`_CastStack`): ~1 s of a 190 s bench run,
+        (``self._link`` is the stack's autograd output; see :class:`CastStack`): ~1 s of a 190 s bench run,
         near its noise.
         """
         masked = isinstance(self._layout, MaskedRows)
@@ -531,7 +180,7 @@ class StackedLoRA(nn.Module):
             self._step = StepGradients(
                 grad_views, self._grad_buffer[:rows], grad_copies, self._grads, list(self._groups)
             )
-            self._link = _CastStack.apply(self._step, self._buffer("_cast_buffer", rows, dtype), *weights)
+            self._link = CastStack.apply(self._step, self._buffer("_cast_buffer", rows, dtype), *weights)
             _, cast = self._buffer_views("_cast_buffer", rows, dtype)
             mats = cast
             if layout != "rows":
@@ -621,8 +270,8 @@ class StackedLoRA(nn.Module):
             sink = (self._step, i) if self._link is not None and torch.is_grad_enabled() else None
             if isinstance(self._layout, MaskedRows):
                 mask = self._layout.mask(dtype, x.shape[0])
-                return _LoRAMasked.apply(output, x, a, b, mask, self._link, sink)
-            delta = _LoRADelta.apply(x, a, b, self.scaling, self._layout, padded, self._link, sink)
+                return LoRAMasked.apply(output, x, a, b, mask, self._link, sink)
+            delta = LoRADelta.apply(x, a, b, self.scaling, self._layout, padded, self._link, sink)
             # in place: a Linear's backward does not need its output
             return output.add_(delta.view(output.shape).to(output.dtype))
 
@@ -638,7 +287,9 @@ class StackedLoRA(nn.Module):
             )
         if self._row_length != x.shape[1]:
             self._row_length = x.shape[1]
-            self._layout = PaddedLayout(len(self._groups), self._row_group.repeat_interleave(x.shape[1]))
+            self._layout = PaddedLayout(
+                len(self._groups), self._row_group.repeat_interleave(x.shape[1]), BUCKET_COST_ROWS
+            )
 
     @contextlib.contextmanager
     def route(
@@ -683,7 +334,7 @@ class StackedLoRA(nn.Module):
         elif token_group is not None and len(groups) <= MASKED_UP_TO:
             self._layout = MaskedRows(len(groups), token_group, self.r, self.scaling)
         else:
-            self._layout = PaddedLayout(len(groups), token_group)
+            self._layout = PaddedLayout(len(groups), token_group, BUCKET_COST_ROWS)
         try:
             yield
         finally:

@@ -17,17 +17,11 @@ from seal.data import QA, Passage
 from seal.generate import HFEngine, Sampling
 from seal.generate.hf import stack_adapter
 from seal.graders import make_grader
+from seal.lora_layouts import MaskedRows, PaddedLayout, _buckets
+from seal.lora_ops import LoRADelta, LoRAMasked
 from seal.losses import IGNORE_INDEX
 from seal.memory import parallel_adapters
-from seal.multi_lora import (
-    MaskedRows,
-    PaddedLayout,
-    StackedLoRA,
-    _buckets,
-    _LoRADelta,
-    _LoRAMasked,
-    find_targets,
-)
+from seal.multi_lora import StackedLoRA, find_targets
 from seal.reward import Rewarder
 from seal.sequences import balanced_rows, pack_sequences
 from seal.templates import TrainExample
@@ -417,12 +411,12 @@ def test_lora_delta_backward_is_exact(token_group, bucket_cost):
     b = torch.randn(4, 5, 2, generator=gen, dtype=torch.float64, requires_grad=True)
     # float64 finite differences (step 1e-6): truncation ~1e-12, rounding ~2^-53 / 1e-6 ~ 1e-10, far below
     # gradcheck's atol 1e-5 / rtol 1e-3, which a wrong backward (an O(1) error) exceeds on any CPU
-    assert torch.autograd.gradcheck(lambda x, a, b: _LoRADelta.apply(x, a, b, 2.5, layout), (x, a, b))
+    assert torch.autograd.gradcheck(lambda x, a, b: LoRADelta.apply(x, a, b, 2.5, layout), (x, a, b))
     expected = torch.stack(
         [2.5 * x[t] @ a[g].T @ b[g].T if g >= 0 else x.new_zeros(5) for t, g in enumerate(group.tolist())]
     )
     # dot products of 6 and 2 terms in float64: a few roundings of 2^-53 each
-    assert relative_error(_LoRADelta.apply(x, a, b, 2.5, layout), expected) <= 1e-12
+    assert relative_error(LoRADelta.apply(x, a, b, 2.5, layout), expected) <= 1e-12
 
 
 def test_masked_lora_backward_is_exact():
@@ -438,10 +432,10 @@ def test_masked_lora_backward_is_exact():
     mask = MaskedRows(3, group, r=2, scaling=2.5).mask(torch.float64, group.numel())
 
     def masked(base, x, a, b):  # A (G * r, in), B (out, G * r)
-        return _LoRAMasked.apply(base.clone(), x, a.flatten(0, 1), b.transpose(0, 1).flatten(1), mask)
+        return LoRAMasked.apply(base.clone(), x, a.flatten(0, 1), b.transpose(0, 1).flatten(1), mask)
 
     assert torch.autograd.gradcheck(masked, (base, x, a, b))  # float64: see test_lora_delta_backward_is_exact
-    blocked = base + _LoRADelta.apply(x, a, b, 2.5, PaddedLayout(3, group))
+    blocked = base + LoRADelta.apply(x, a, b, 2.5, PaddedLayout(3, group))
     # the same float64 products (dot products of 6 and 6 terms) in another order: a few roundings of 2^-53
     assert relative_error(masked(base, x, a, b), blocked) <= 1e-12
     assert torch.equal(masked(base, x, a, b)[group < 0], base[group < 0])  # rows of no adapter: untouched

@@ -93,7 +93,7 @@ def test_update_step_trains_a_qlora_adapter(qlora_model_path, tmp_path):
         qlora_model_path, kept, model_args, sft, tmp_path / "u", use_chat_template=False
     )
     assert record.kind == "adapter" and record.train_loss > 0
-    adapted = PeftModel.from_pretrained(four_bit(qlora_model_path), record["path"])
+    adapted = PeftModel.from_pretrained(four_bit(qlora_model_path), record.path)
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in adapted.named_parameters())
 
 

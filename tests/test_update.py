@@ -52,7 +52,7 @@ def test_update_adapter_changes_the_generator(tiny_model_path, tokenizer, tmp_pa
     ids = tokenizer(KEPT[0]["completion"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         before = base(input_ids=ids).logits
-        after = PeftModel.from_pretrained(base, record["path"])(input_ids=ids).logits
+        after = PeftModel.from_pretrained(base, record.path)(input_ids=ids).logits
     assert not torch.allclose(before, after)
 
 
@@ -64,7 +64,7 @@ def test_update_merged_is_a_full_model(tiny_model_path, tmp_path):
     assert record.kind == "model"
     from seal.models import load_model, load_tokenizer
 
-    load_model(record["path"]), load_tokenizer(record["path"])
+    load_model(record.path), load_tokenizer(record.path)
 
 
 def test_pairs_longer_than_max_length_are_counted_at_warning(tiny_model_path, tmp_path, caplog):
