@@ -134,11 +134,9 @@ class MaskedRows:
     in each row only the r columns of its own adapter (none for a row of no adapter), scaled, and multiplies
     with ``[B_0, ..., B_{G-1}]`` (out, G * r), adding into the module's output: two matmuls and a multiply per
     module, four and a multiply in backward, where :class:`PaddedLayout` takes as many batched matmuls plus
-    five or six index and fill ops. On a CPU each op costs tens of microseconds however small (a bf16 matmul
-    of a 200-token step ~60 us), which dominates the small steps at the end of batched TTT, where few adapters
-    are left: on the bench's 16 self-edits a step of 2 adapters took 408 instead of 456 ms, of 3-4 adapters
-    634 instead of 671 ms, of 5-8 adapters 1,043 against 1,050 ms. The work grows with G, so it is used up to
-    `MASKED_UP_TO` adapters.
+    five or six index and fill ops. On a CPU each op has a fixed cost however small, which dominates the
+    small steps at the end of batched TTT, where few adapters are left; the work grows with G, so it is used
+    up to `seal.multi_lora.MASKED_UP_TO` adapters (measurements: docs/inner_loop.md).
     """
 
     def __init__(self, groups: int, token_group: torch.Tensor, r: int, scaling: float):

@@ -151,15 +151,11 @@ class StackedLoRA(nn.Module):
         (the layouts of :meth:`_laid_out`).
 
         Stacking and casting all modules at once, once per forward, costs a few whole-tensor ops per step
-        where one stack and cast per module cost ~5 ops x 210 modules (SmolLM2). The stack is (G, P), one row
-        per adapter, so a module's matrices in it are G pieces a row apart; a batched matmul over such a view
-        runs 2-3x slower than over a contiguous (G, r, in) tensor (h B^T at 16 adapters, 128 rows each,
-        out 1536: 1.22 vs 0.44 ms). So without gradients (generation: many forwards per route) each module's
-        matrices are copied into a contiguous tensor, cached until :meth:`invalidate` (the bench's answer pass
-        for 16 adapters: 9.0 instead of 10.9 s). With gradients, from `DENSE_FROM` adapters on, they are
-        copied once per step, all in one ``_foreach_copy_`` into a kept buffer, outside autograd
-        (``self._link`` is the stack's autograd output; see :class:`CastStack`): ~1 s of a 190 s bench run,
-        near its noise.
+        instead of a few per module. A batched matmul over a module's pieces of the (G, P) stack (a row
+        apart) runs 2-3x slower than over a contiguous (G, r, in) tensor, so without gradients (generation)
+        each module's matrices are copied into contiguous tensors, cached until :meth:`invalidate`; with
+        gradients, from `DENSE_FROM` adapters on, they are copied once per step into a kept buffer, outside
+        autograd (``self._link`` is the stack's autograd output; see :class:`seal.lora_ops.CastStack`).
         """
         masked = isinstance(self._layout, MaskedRows)
         key = (tuple(self._groups), dtype, masked)
