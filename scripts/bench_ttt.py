@@ -42,13 +42,14 @@ from seal.data import load_passages
 from seal.generate import HFEngine, SelfEdit, generate_self_edits
 from seal.generate.hf import stack_adapter
 from seal.graders import make_grader
+from seal.losses import IGNORE_INDEX
 from seal.memory import parallel_adapters, tokens_per_step
 from seal.models import load_model, load_tokenizer, resolve_model_path
 from seal.reward import QA_PROMPT, Rewarder
 from seal.sequences import tokenize_examples
 from seal.stats import bootstrap_ci, paired_difference
 from seal.templates import render_chat
-from seal.ttt import IGNORE_INDEX, BatchedTTT, batch_schedule, ttt_lora_config, wrap_for_adapters
+from seal.ttt import BatchedTTT, batch_schedule, ttt_lora_config, wrap_for_adapters
 from seal.utils import autocast, bf16_supported, task_seed, write_json
 
 REFERENCE = TTTConfig(ttt_batch_size=1, ttt_lr_scheduler="linear", ttt_max_length=128)

@@ -58,10 +58,11 @@ import seal.attention
 import seal.multi_lora
 import seal.ttt
 from seal.generate import SelfEdit
+from seal.losses import IGNORE_INDEX
 from seal.models import load_model, load_tokenizer, resolve_model_path
 from seal.multi_lora import StackedLoRA, find_targets
 from seal.sequences import collate, training_sequences
-from seal.ttt import ADAPTER, IGNORE_INDEX, BatchedTTT, lr_factor, ttt_lora_config, wrap_for_adapters
+from seal.ttt import ADAPTER, BatchedTTT, lr_factor, ttt_lora_config, wrap_for_adapters
 from seal.utils import task_seed, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
