@@ -1,4 +1,4 @@
-"""Command line: `seal {knowledge,evaluate,push,review} ...`, recipes as `--config recipe.yaml [--field v]`.
+"""Command line: `seal {knowledge,evaluate,label,push,review} ...`, recipes as `--config recipe.yaml`.
 
 `seal knowledge` also runs under accelerate launch; `seal push` shares a finished run on the Hub (seal.hub).
 """
@@ -11,9 +11,10 @@ from pathlib import Path
 
 from trl import TrlParser
 
-from seal.config import EvalArgs, SealArgs
+from seal.config import EvalArgs, LabelArgs, SealArgs
 from seal.evaluate import evaluate as run_evaluation
 from seal.hub import push as push_run
+from seal.label import label_documents
 from seal.loop import run
 from seal.models import DEFAULT_MODEL
 from seal.review import main as review_main
@@ -21,6 +22,7 @@ from seal.review import main as review_main
 # One dataclass per concern, in SealArgs' field order: TRL's ModelConfig and SFTConfig, and seal's own.
 ARG_TYPES = tuple(typing.get_type_hints(SealArgs).values())
 EVAL_ARG_TYPES = tuple(typing.get_type_hints(EvalArgs).values())
+LABEL_ARG_TYPES = tuple(typing.get_type_hints(LabelArgs).values())
 
 
 def parse_args(argv: list[str] | None = None) -> SealArgs:
@@ -52,6 +54,21 @@ def evaluate(argv: list[str] | None = None) -> None:
     print(Path(args.eval.eval_output_dir, "results.md").read_text(), flush=True)
 
 
+def parse_label_args(argv: list[str] | None = None) -> LabelArgs:
+    """Parse a labelling recipe (`--config`, or flags alone) into `LabelArgs`."""
+    args = LabelArgs(*TrlParser(LABEL_ARG_TYPES).parse_args_and_config(argv))
+    if args.model.model_name_or_path is None:
+        args.model.model_name_or_path = DEFAULT_MODEL
+    return args
+
+
+def label(argv: list[str] | None = None) -> None:
+    """Pseudo-label raw documents: `seal label --dataset_name docs/ --label_output_dir out/ [--field v]`."""
+    args = parse_label_args(argv)
+    label_documents(args)
+    print(Path(args.label.label_output_dir, "summary.json").read_text(), flush=True)
+
+
 def push(argv: list[str] | None = None) -> None:
     """Share a finished run on the Hub: `seal push --config recipe.yaml --hub_model_id me/x [--dry_run]`."""
     push_run(parse_args(argv))
@@ -62,7 +79,7 @@ def review(argv: list[str] | None = None) -> None:
     review_main(argv)
 
 
-COMMANDS = {"knowledge": knowledge, "evaluate": evaluate, "push": push, "review": review}
+COMMANDS = {"knowledge": knowledge, "evaluate": evaluate, "label": label, "push": push, "review": review}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,6 +29,8 @@ GraderName = Literal["exact_match", "f1", "contains", "judge"]
 FilterStrategy = Literal["top_k", "threshold", "gain"]
 EvalCondition = Literal["base", "passage", "base_generator", "trained_generator"]
 EvalSetting = Literal["single", "cpt"]
+Labels = Literal["gold", "pseudo"]
+Confidence = Literal["agreement", "token_prob", "both"]
 
 
 def choices(vocabulary: Any) -> tuple[str, ...]:
@@ -89,6 +91,25 @@ class DataConfig(Checked):
     max_questions_per_passage: int | None = field(
         default=None, metadata={"help": "Cap questions per passage."}
     )
+    dataset_labels: Labels = field(
+        default="gold",
+        metadata={
+            "help": "gold: the data's own question-answer pairs reward the self-edits; pseudo: raw "
+            "documents (.txt/.md files or folders, records with 'context', a dataset's text column) are "
+            "pseudo-labelled every round by the current model (seal.label); the kept ones reward them."
+        },
+    )
+    document_max_tokens: int = field(
+        default=256, metadata={"help": "Raw documents: a passage holds at most this many tokens."}
+    )
+    document_text_field: str = field(
+        default="text", metadata={"help": "Raw documents from `datasets`: the column holding the text."}
+    )
+
+    def check(self) -> None:
+        super().check()
+        if self.document_max_tokens < 1:
+            raise ValueError(f"document_max_tokens must be >= 1, got {self.document_max_tokens}")
 
 
 @dataclass
@@ -302,6 +323,76 @@ class FilterConfig(Checked):
             "extra TTT per passage and repeat, journaled like the others)."
         },
     )
+
+
+@dataclass
+class LabelConfig(Checked):
+    """Pseudo-labels for raw documents (seal.label): questions asked and answered with the passage in
+    context; an answer is kept when its confidence reaches `label_threshold` and the passage supports it."""
+
+    at_least_one = ("label_num_questions", "label_num_samples", "label_max_new_tokens")
+
+    label_num_questions: int = field(default=4, metadata={"help": "Questions written per passage (at most)."})
+    label_num_samples: int = field(
+        default=5, metadata={"help": "Answers sampled per question (agreement is measured over them)."}
+    )
+    label_temperature: float = field(default=0.7, metadata={"help": "Temperature of the sampled answers."})
+    label_question_temperature: float = field(
+        default=0.7, metadata={"help": "Temperature of the question-writing sample."}
+    )
+    label_question_max_new_tokens: int = field(
+        default=160, metadata={"help": "Max tokens of the question list."}
+    )
+    label_max_new_tokens: int = field(default=24, metadata={"help": "Max tokens of an answer."})
+    label_confidence: Confidence = field(
+        default="agreement",
+        metadata={
+            "help": "agreement: how much the sampled answers agree (token F1) with the consensus answer; "
+            "token_prob: that answer's geometric-mean token probability under the labeller (greedy "
+            "scoring; local labellers only); both: the smaller of the two."
+        },
+    )
+    label_threshold: float = field(
+        default=0.6, metadata={"help": "Keep a pseudo-label whose confidence is >= this (0..1)."}
+    )
+    label_extract: bool = field(
+        default=True,
+        metadata={
+            "help": "Shorten each sampled answer to its longest run of words the question does not contain "
+            "(small models answer in sentences that repeat the question)."
+        },
+    )
+    label_require_support: bool = field(
+        default=True,
+        metadata={"help": "Keep only answers whose content words all occur in the passage."},
+    )
+    label_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "The labeller: None = the current model (relabels every round with θ_r); a local model "
+            "(path / embedded: name); with label_url, the endpoint's model name."
+        },
+    )
+    label_url: str | None = field(
+        default=None, metadata={"help": "OpenAI-compatible completions endpoint of the labeller."}
+    )
+    label_api_key_env: str | None = field(
+        default=None, metadata={"help": "Env var holding the endpoint's key (never logged)."}
+    )
+    label_output_dir: str = field(
+        default="runs/labels", metadata={"help": "`seal label`: where the labelled dataset is written."}
+    )
+    label_seed: int = field(default=0, metadata={"help": "`seal label`: the sampling seed."})
+
+    def check(self) -> None:
+        super().check()
+        if not 0.0 <= self.label_threshold <= 1.0:
+            raise ValueError(f"label_threshold must be in [0, 1], got {self.label_threshold}")
+        if self.label_url and self.label_confidence != "agreement":
+            raise ValueError(
+                f"label_confidence: {self.label_confidence} scores answers with the labeller's weights, "
+                "which an endpoint (label_url) does not expose: use label_confidence: agreement"
+            )
 
 
 @dataclass
@@ -541,6 +632,7 @@ class SealArgs:
     hub: HubConfig = field(default_factory=HubConfig)
     review: ReviewConfig = field(default_factory=ReviewConfig)
     heldout: HeldOutConfig = field(default_factory=HeldOutConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
 
     def __post_init__(self) -> None:
         self.check()
@@ -598,6 +690,23 @@ class EvalArgs:
                 "the judge grader with ttt_model: generator needs judge_model or judge_url (the base model, "
                 "the default judge, takes the trained generator's weights for its TTT runs)"
             )
+
+    def to_dict(self) -> dict[str, Any]:
+        return snapshot(self)
+
+
+@dataclass
+class LabelArgs:
+    """What `seal label` needs: the labeller model, the documents, the labelling and engine settings."""
+
+    model: ModelConfig
+    data: DataConfig
+    label: LabelConfig
+    generate: GenerateConfig
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+    def __post_init__(self) -> None:
+        _check_sections(self)
 
     def to_dict(self) -> dict[str, Any]:
         return snapshot(self)

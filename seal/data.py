@@ -132,7 +132,7 @@ def parse_record(record: Any, source: str, index: int, problems: list[str]) -> P
     )
 
 
-def _decode(path: Path) -> str:
+def read_text(path: Path) -> str:
     """The file's text; non-UTF-8 bytes are a DataValidationError naming the file, line and byte offset."""
     raw = path.read_bytes()
     try:
@@ -144,8 +144,8 @@ def _decode(path: Path) -> str:
         ) from None
 
 
-def _read_file(path: Path) -> list[Any]:
-    text = _decode(path)
+def read_records(path: Path) -> list[Any]:
+    text = read_text(path)
     if path.suffix == ".jsonl":
         records = []
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -207,7 +207,7 @@ def load_passages(
     if path.suffix in (".json", ".jsonl"):
         if not path.is_file():
             raise FileNotFoundError(f"Dataset file not found: {path}")
-        raw, label = _read_file(path), str(path)
+        raw, label = read_records(path), str(path)
     else:
         raw, label = _read_hub(source, split, config), f"{source}[{split}]"
     if limit is not None:

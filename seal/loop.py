@@ -33,6 +33,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from seal.config import SealArgs
 from seal.data import Passage, load_passages
 from seal.describe import describe_rows
+from seal.documents import load_documents
 from seal.filter import passages_without_kept, select
 from seal.generate import HFEngine, SelfEdit, generate_self_edits
 from seal.generate.engine import engine_backend, vllm_engine
@@ -41,6 +42,7 @@ from seal.heldout import HeldOut, load_heldout
 from seal.hub import HUB_RESUMABLE, check_hub_args, push
 from seal.inner_loop import Job
 from seal.journal import Journal
+from seal.label import LabelledPassage, Labeller, build_labeller, label_summary, tokens_counter
 from seal.models import load_model, load_tokenizer, resolve_model_path
 from seal.report import markdown_rows
 from seal.review import review_round
@@ -112,13 +114,7 @@ def run(
     """
     check_args(args)
     state = PartialState()
-    passages = load_passages(  # validated before any model is loaded
-        args.data.dataset_name,
-        split=args.data.dataset_split,
-        config=args.data.dataset_config,
-        limit=args.data.num_passages,
-        max_questions=args.data.max_questions_per_passage,
-    )
+    passages = load_data(args, state)  # validated before any model is loaded
     heldout_sets = load_heldout(args.heldout, passages)  # validated, and refused if trained on
     run_dir = setup_run_dir(args, state.is_main_process)
     state.wait_for_everyone()
@@ -135,6 +131,7 @@ def run(
     before = rounds.evaluate_heldout(0)
     for r in range(args.loop.num_rounds):
         t0 = time.time()
+        labels = rounds.pseudo_label(r)  # label-free: the round's model writes the questions its reward uses
         base_acc = rounds.baseline(r)
         edits = rounds.generate(r)  # 1. generate: k self-edits per passage
         t_gen = time.time() - t0
@@ -147,8 +144,9 @@ def run(
         rounds.next_generator(r, update)  # θ_{r+1}
         after = rounds.evaluate_heldout(r + 1)
         summary = round_summary(
-            r, passages, rows, kept, update, t_gen, t_eval, time.time() - t0, state.num_processes
+            r, rounds.passages, rows, kept, update, t_gen, t_eval, time.time() - t0, state.num_processes
         )
+        summary.update(labels)
         summary["ttt_split"] = ttt_split  # training examples longer than ttt_max_length, trained as chunks
         summary["no_kept"] = passages_without_kept(rows, kept)  # passages the E-step gave no signal
         summary["ttt_model"] = args.ttt.ttt_model
@@ -171,6 +169,26 @@ def run(
     if args.sft.push_to_hub:
         push(args)
     return summaries
+
+
+def load_data(args: SealArgs, state: PartialState) -> list[Passage]:
+    """The run's passages, validated: gold question-answer data, or raw documents split into passages of at
+    most `document_max_tokens` of the model's tokens (questions come from pseudo-labelling, every round)."""
+    data = args.data
+    if data.dataset_labels == "gold":
+        return load_passages(
+            data.dataset_name,
+            split=data.dataset_split,
+            config=data.dataset_config,
+            limit=data.num_passages,
+            max_questions=data.max_questions_per_passage,
+        )
+    with state.main_process_first():  # the embedded model is converted (once) by the main process
+        path = resolve_model_path(args.model.model_name_or_path, args.loop.model_cache_dir)
+    return load_documents(
+        data.dataset_name, data.dataset_split, data.dataset_config, data.num_passages,
+        data.document_max_tokens, tokens_counter(load_tokenizer(path)), data.document_text_field,
+    )  # fmt: skip
 
 
 def load_runtime(
@@ -208,6 +226,7 @@ class Rounds:
         on_evaluation: Callable[[dict[str, Any]], None] | None,
     ):
         self.args, self.rt, self.passages, self.run_dir = args, rt, passages, run_dir
+        self.documents = passages  # label-free runs: what each round pseudo-labels anew
         self.rank, self.world, self.main = state.process_index, state.num_processes, state.is_main_process
         self.on_evaluation = on_evaluation or (lambda record: None)
         self.by_id = {p.id: p for p in passages}
@@ -220,13 +239,57 @@ class Rounds:
         self.tracker = tracker
         self.inner = rt.inner_loop(run_dir / "adapters")
         self.generator, self.adapter = rt.engine, None  # round 0 samples from the base model itself
+        self._fixed_labeller: Labeller | None = None
 
     def _broadcast(self, value: Any) -> Any:
         return broadcast_object_list([value])[0] if self.world > 1 else value
 
+    def pseudo_label(self, r: int) -> dict[str, Any]:
+        """Label-free runs: the round's passages are the documents with a kept pseudo-label, written by the
+        round's model (or the recipe's labeller) and journaled; returns the round's label counts."""
+        if self.args.data.dataset_labels != "pseudo":
+            return {}
+        key = ("labels", r)
+        if self.journal.get(*key) is None:
+            record = None
+            if self.main:
+                with all_cpu_threads(self.world > 1):
+                    labelled = self.labeller().label(self.documents, task_seed(self.seed, "label", r))
+                record = self.journal.append(key, records=[lp.to_record() for lp in labelled])
+            self.journal.merge(broadcast_object_list([record]) if self.world > 1 else [record])
+        labelled = [LabelledPassage.from_record(d) for d in self.journal.get(*key)["records"]]
+        if self.main:
+            write_jsonl(self.run_dir / f"round_{r}" / "labels.jsonl", [lp.to_record() for lp in labelled])
+        self.passages = [lp.as_passage() for lp in labelled if lp.kept]
+        self.by_id = {p.id: p for p in self.passages}
+        counts = label_summary(labelled)
+        logger.info("round %d pseudo-labels: %s", r, counts)
+        if not self.passages:
+            raise RuntimeError(
+                f"round {r}: no pseudo-label passed label_threshold={self.args.label.label_threshold}; "
+                f"see {self.run_dir / f'round_{r}' / 'labels.jsonl'} (lower it, or check the labeller)"
+            )
+        return counts
+
+    def labeller(self) -> Labeller:
+        """The round's labeller: the current generator (θ_r, or the base with its update adapter), or the
+        recipe's own local model or endpoint (loaded once)."""
+        args, rt = self.args, self.rt
+        if args.label.label_url or args.label.label_model:
+            if self._fixed_labeller is None:  # HF: a second vLLM engine in one process is not supported
+                self._fixed_labeller = build_labeller(
+                    args.label, args.model, args.generate, args.vllm, "hf", args.loop.model_cache_dir
+                )
+            return self._fixed_labeller
+        scorer = rt.hf if self.generator is rt.hf or self.adapter is None else None  # HF on the same weights
+        use_chat = args.generate.use_chat_template
+        return Labeller(self.generator, rt.tokenizer, args.label, use_chat, scorer, self.adapter)
+
     def baseline(self, r: int) -> dict[str, float]:
-        """θ_r's no-context accuracy per passage (journaled once per round's weights; round 0: the base)."""
-        key = ("baseline",) if r == 0 or self.args.ttt.ttt_model == "base" else ("baseline", r)
+        """θ_r's no-context accuracy per passage (journaled once per round's weights; round 0: the base;
+        label-free runs: every round, since the questions change)."""
+        fixed = r == 0 or self.args.ttt.ttt_model == "base"
+        key = ("baseline",) if fixed and self.args.data.dataset_labels == "gold" else ("baseline", r)
         if self.journal.get(*key) is None:
             record = None
             if self.main:

@@ -110,10 +110,12 @@ def check_overlong(
             ]
         )
     if log:
-        longest = f" (longest {max(n for _, _, n, _ in found)}): split into chunks, all trained on"
+        longest = ""
+        if found:
+            longest = f" (longest {max(n for _, _, n, _ in found)}): split into chunks, all trained on"
         logger.info(
             "TTT: %d of %d training examples longer than ttt_max_length=%d tokens%s",
-            *(len(found), sum(map(len, jobs)), limit, longest if found else ""),
+            *(len(found), sum(map(len, jobs)), limit, longest),
         )
     return len(found)
 

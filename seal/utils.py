@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import torch
 
-from seal.data import DataValidationError, _decode  # data.py owns the file, line and byte message
+from seal.data import DataValidationError, read_text  # data.py owns the file, line and byte message
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -141,7 +141,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     records = []
     # split on "\n" only: str.splitlines() also splits on U+2028 & co, which JSON strings may hold raw
-    for lineno, line in enumerate(_decode(path).split("\n"), 1):
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
@@ -157,7 +157,7 @@ def read_json(path: str | os.PathLike) -> Any:
     and the line (as :func:`read_jsonl`)."""
     path = Path(path)
     try:
-        return json.loads(_decode(path))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataValidationError(
             [f"{path}: line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})"]

@@ -27,6 +27,7 @@ def test_cpu_recipe_parses_with_overrides():
         "hub",
         "review",
         "heldout",
+        "label",
     }
 
 

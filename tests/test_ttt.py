@@ -80,6 +80,7 @@ def test_long_example_split_with_title_and_counted(tokenizer, caplog):
         assert check_overlong([[LONG, *EXAMPLES], [LONG]], ["a", "b"], tokenizer, cfg) == 2
     (record,) = [r for r in caplog.records if r.name == "seal"]
     assert "2 of 4 training examples longer than ttt_max_length=32" in record.getMessage()
+    assert check_overlong([EXAMPLES], ["c"], tokenizer, cfg) == 0  # none too long: counted, not a crash
     assert tokens_per_step(
         [[LONG, *EXAMPLES]], tokenizer, TTTConfig(ttt_max_length=32, ttt_batch_size=2)
     ) == sum(sorted(len(ids) for ids, _ in chunks + tokenize_examples(EXAMPLES, tokenizer, 32, False))[-2:])

@@ -159,6 +159,55 @@ class HFEngine(Engine):
                     results[i] = outs[j * sampling.n : (j + 1) * sampling.n]
         return [results[i] for i in range(len(prompts))]
 
+    @torch.inference_mode()
+    def mean_logprobs(
+        self, prompts: Sequence[str], completions: Sequence[str], adapter: str | None = None
+    ) -> list[float]:
+        """Mean log-probability per token of each completion after its prompt (teacher-forced, no sampling).
+
+        Prompt and completion are tokenised apart and concatenated, so the scored tokens are exactly the
+        completion's; an empty completion scores 0.0. Right-padded batches of `batch_size`.
+        """
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+        device = model_device(self.model)
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+        def encode(text: str) -> list[int]:
+            return tok(text, add_special_tokens=False)["input_ids"]
+
+        out: list[float] = []
+        was_training = self.model.training
+        self.model.eval()
+        dtype = autocast_dtype(device, self.autocast_setting)
+        with (
+            self._adapter_context(adapter),
+            autocast(device, self.autocast_setting),
+            frozen_linears_in(self.model, dtype),
+        ):
+            for start in range(0, len(prompts), self.batch_size):
+                end = start + self.batch_size
+                batch = zip(prompts[start:end], completions[start:end], strict=True)
+                pairs = [(encode(p), encode(c)) for p, c in batch]
+                width = max(len(p) + len(c) for p, c in pairs)
+                ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(pairs), width), dtype=torch.long)
+                for row, (p, c) in enumerate(pairs):
+                    ids[row, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+                    mask[row, : len(p) + len(c)] = 1
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+                logp = torch.log_softmax(logits[:, :-1], dim=-1)
+                for row, (p, c) in enumerate(pairs):
+                    if not c:
+                        out.append(0.0)
+                        continue
+                    target = torch.tensor(c, device=device)
+                    rows = logp[row, len(p) - 1 : len(p) - 1 + len(c)]
+                    out.append(rows.gather(1, target[:, None]).mean().item())
+        self.model.train(was_training)
+        return out
+
     def _generate_rows(self, prompts: list[str], sampling: Sampling, bar: tqdm) -> list[list[str]]:
         expanded = [p for p in prompts for _ in range(sampling.n)]
         outputs = self._generate_batches(expanded, sampling, self.batch_size, bar)
