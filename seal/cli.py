@@ -1,4 +1,4 @@
-"""Command line: `seal {knowledge,evaluate,label,push,review} ...`, recipes as `--config recipe.yaml`.
+"""Command line: `seal {knowledge,evaluate,label,push,review,review-labels} ...` (`--config recipe.yaml`).
 
 `seal knowledge` also runs under accelerate launch; `seal push` shares a finished run on the Hub (seal.hub).
 """
@@ -15,6 +15,7 @@ from seal.config import EvalArgs, LabelArgs, SealArgs
 from seal.evaluate import evaluate as run_evaluation
 from seal.hub import push as push_run
 from seal.label import label_documents
+from seal.label_review import main as review_labels_main
 from seal.loop import run
 from seal.models import DEFAULT_MODEL
 from seal.review import main as review_main
@@ -79,7 +80,19 @@ def review(argv: list[str] | None = None) -> None:
     review_main(argv)
 
 
-COMMANDS = {"knowledge": knowledge, "evaluate": evaluate, "label": label, "push": push, "review": review}
+def review_labels(argv: list[str] | None = None) -> None:
+    """Pseudo-label review page, or import of its decisions: `seal review-labels DIR [--decisions F]`."""
+    review_labels_main(argv)
+
+
+COMMANDS = {
+    "knowledge": knowledge,
+    "evaluate": evaluate,
+    "label": label,
+    "push": push,
+    "review": review,
+    "review-labels": review_labels,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

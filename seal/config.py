@@ -451,14 +451,16 @@ class ReviewConfig(Checked):
         metadata={
             "help": "Stop after each round's filter and write round_<r>/review.html (accept/reject per "
             "self-edit, export of the decisions); once the round has decisions (seal review --decisions, or "
-            "review_decisions), a rerun trains the update only on the accepted self-edits."
+            "review_decisions), a rerun trains the update only on the accepted self-edits. Label-free runs "
+            "also stop after each round's labelling (round_<r>/labels_review.html; seal review-labels)."
         },
     )
     review_decisions: str | None = field(
         default=None,
         metadata={
-            "help": "A decisions file exported from review.html: imported for the round it names, which must "
-            "be waiting for review (not part of the recipe: may change between reruns)."
+            "help": "A decisions file exported from review.html (or labels_review.html): imported for the "
+            "round it belongs to, which must be waiting for review (not part of the recipe: may change "
+            "between reruns)."
         },
     )
 

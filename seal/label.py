@@ -65,13 +65,15 @@ class PseudoLabel:
     supported: bool
     confidence: float
     kept: bool
+    reviewed: bool = False  # a person decided (seal.label_review)
+    corrected: bool = False  # a person replaced the answer
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "answers": [self.answer]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PseudoLabel:
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
 @dataclass

@@ -43,6 +43,7 @@ from seal.hub import HUB_RESUMABLE, check_hub_args, push
 from seal.inner_loop import Job
 from seal.journal import Journal
 from seal.label import LabelledPassage, Labeller, build_labeller, label_summary, tokens_counter
+from seal.label_review import review_labels
 from seal.models import load_model, load_tokenizer, resolve_model_path
 from seal.report import markdown_rows
 from seal.review import review_round
@@ -132,6 +133,8 @@ def run(
     for r in range(args.loop.num_rounds):
         t0 = time.time()
         labels = rounds.pseudo_label(r)  # label-free: the round's model writes the questions its reward uses
+        if labels is None:  # waiting for a person's review of the pseudo-labels (labels_review.html)
+            break
         base_acc = rounds.baseline(r)
         edits = rounds.generate(r)  # 1. generate: k self-edits per passage
         t_gen = time.time() - t0
@@ -244,9 +247,10 @@ class Rounds:
     def _broadcast(self, value: Any) -> Any:
         return broadcast_object_list([value])[0] if self.world > 1 else value
 
-    def pseudo_label(self, r: int) -> dict[str, Any]:
+    def pseudo_label(self, r: int) -> dict[str, Any] | None:
         """Label-free runs: the round's passages are the documents with a kept pseudo-label, written by the
-        round's model (or the recipe's labeller) and journaled; returns the round's label counts."""
+        round's model (or the recipe's labeller) and journaled, then reviewed with `review: true`; returns
+        the round's label counts (None while the labels wait for review)."""
         if self.args.data.dataset_labels != "pseudo":
             return {}
         key = ("labels", r)
@@ -257,9 +261,15 @@ class Rounds:
                     labelled = self.labeller().label(self.documents, task_seed(self.seed, "label", r))
                 record = self.journal.append(key, records=[lp.to_record() for lp in labelled])
             self.journal.merge(broadcast_object_list([record]) if self.world > 1 else [record])
-        labelled = [LabelledPassage.from_record(d) for d in self.journal.get(*key)["records"]]
-        if self.main:
-            write_jsonl(self.run_dir / f"round_{r}" / "labels.jsonl", [lp.to_record() for lp in labelled])
+        records = self.journal.get(*key)["records"]
+        round_dir = self.run_dir / f"round_{r}"
+        if self.main and not (round_dir / "labels.jsonl").is_file():
+            write_jsonl(round_dir / "labels.jsonl", records)
+        if self.args.review.review:
+            records = self._broadcast(review_labels(round_dir, self.args.review) if self.main else None)
+            if records is None:
+                return None
+        labelled = [LabelledPassage.from_record(d) for d in records]
         self.passages = [lp.as_passage() for lp in labelled if lp.kept]
         self.by_id = {p.id: p for p in self.passages}
         counts = label_summary(labelled)

@@ -38,6 +38,7 @@ DECISIONS = ("accept", "reject")
 PAGE = "review.html"
 REVIEWED = "review.json"
 FORMAT = "seal-review"
+LABEL_FORMAT = "seal-label-review"  # a pseudo-label review's export (seal.label_review), not this page's
 
 Key = tuple[str, int]
 
@@ -50,12 +51,12 @@ class ReviewError(ValueError):
 
 
 ASSETS = "assets"  # seal/assets/: the page's template, stylesheet and script
-_env = jinja2.Environment(
+PAGES = jinja2.Environment(
     loader=jinja2.PackageLoader("seal", ASSETS), autoescape=True, undefined=jinja2.StrictUndefined
 )
 
 
-def _num(x: float | None, signed: bool = False) -> str:
+def number_cell(x: float | None, signed: bool = False) -> str:
     if x is None:
         return "–"
     return f"{x:+.3f}" if signed else f"{x:.2f}"
@@ -106,15 +107,15 @@ def render_page(
                 "reward_value": repr(float(reward or 0.0)),
                 "accuracy_value": repr(float(acc or 0.0)),
                 "sign": "pos" if (reward or 0) > 0 else "neg" if (reward or 0) < 0 else "",
-                "reward_cell": _num(reward, signed=True),
-                "accuracy_cell": _num(acc),
-                "base_cell": _num(row.get("base_accuracy")),
+                "reward_cell": number_cell(reward, signed=True),
+                "accuracy_cell": number_cell(acc),
+                "base_cell": number_cell(row.get("base_accuracy")),
             }
         )
     js = resources.files("seal").joinpath(ASSETS, "review.js").read_text(encoding="utf-8")
     css = resources.files("seal").joinpath(ASSETS, "review.css").read_text(encoding="utf-8")
     script_hash = base64.b64encode(hashlib.sha256(js.encode()).digest()).decode()
-    return _env.get_template("review.html.j2").render(
+    return PAGES.get_template("review.html.j2").render(
         rows=shown,
         run_name=run_name,
         round_index=round_index,
@@ -164,7 +165,7 @@ def load_rows(round_dir: str | Path) -> list[dict[str, Any]]:
     return read_jsonl(path)
 
 
-def _load_json(path: Path) -> Any:
+def load_decisions_json(path: Path) -> Any:
     """A decisions file's JSON; one that is not UTF-8 JSON is a DataValidationError naming file and line."""
     try:
         return read_json(path)
@@ -174,7 +175,7 @@ def _load_json(path: Path) -> Any:
 
 def file_round(path: str | Path, data: Any = None) -> int | None:
     """The round a decisions file names (None: a bare list or no `round` field); `data`: its parsed JSON."""
-    data = _load_json(Path(path)) if data is None else data
+    data = load_decisions_json(Path(path)) if data is None else data
     if isinstance(data, dict) and "round" in data:
         value = data["round"]
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -193,7 +194,7 @@ def read_decisions(
     Every problem is reported as `file: record N (passage_id=..., index=...): field 'f': problem`.
     """
     path = Path(path)
-    data = _load_json(path)
+    data = load_decisions_json(path)
     if isinstance(data, dict):
         if "decisions" not in data:
             raise ReviewError(f"{path}: field 'decisions' is missing (expected a list of decision records)")
@@ -333,8 +334,11 @@ def review_round(
     round_dir = Path(round_dir)
     r = round_number(round_dir)
     review = load_review(round_dir)
-    if cfg.review_decisions:
-        named = file_round(cfg.review_decisions)
+    decisions = load_decisions_json(Path(cfg.review_decisions)) if cfg.review_decisions else None
+    if isinstance(decisions, dict) and decisions.get("format") == LABEL_FORMAT:
+        decisions = None  # the round's pseudo-label review, imported before its rewards (seal.label_review)
+    if decisions is not None:
+        named = file_round(cfg.review_decisions, decisions)
         if named is None:
             raise ReviewError(
                 f"{cfg.review_decisions}: field 'round' is missing, so the loop cannot tell which round the "
