@@ -52,6 +52,14 @@ def test_squad_experiment_recipe_is_seals_setting():
     assert len(args.heldout.heldout_datasets) == 2 and args.heldout.heldout_num_self_edits >= 3
 
 
+def test_documents_recipe_is_label_free_on_the_packaged_documents():
+    from seal.documents import load_documents
+
+    args = parse_args(["--config", str(RECIPES / "smollm2-135m-documents-cpu.yaml")])
+    assert args.data.dataset_labels == "pseudo" and args.label.label_threshold > 0
+    assert len(load_documents(args.data.dataset_name, max_tokens=args.data.document_max_tokens)) >= 6
+
+
 def test_unknown_field_and_command_are_refused(tmp_path):
     bad = tmp_path / "r.yaml"
     bad.write_text("ttt_epocs: 3\nuse_cpu: true\n")
