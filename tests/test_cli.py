@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from seal.cli import main, parse_args
+from seal.documents import load_documents
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "knowledge"
 
@@ -53,8 +54,6 @@ def test_squad_experiment_recipe_is_seals_setting():
 
 
 def test_documents_recipe_is_label_free_on_the_packaged_documents():
-    from seal.documents import load_documents
-
     args = parse_args(["--config", str(RECIPES / "smollm2-135m-documents-cpu.yaml")])
     assert args.data.dataset_labels == "pseudo" and args.label.label_threshold > 0
     assert len(load_documents(args.data.dataset_name, max_tokens=args.data.document_max_tokens)) >= 6
