@@ -186,7 +186,8 @@ class HFEngine(Engine):
             autocast(device, self.autocast_setting),
             frozen_linears_in(self.model, dtype),
         ):
-            for start in range(0, len(prompts), self.batch_size):
+            starts = range(0, len(prompts), self.batch_size)
+            for start in tqdm(starts, desc="score", unit="batch", leave=False, disable=not self.progress):
                 end = start + self.batch_size
                 batch = zip(prompts[start:end], completions[start:end], strict=True)
                 pairs = [(encode(p), encode(c)) for p, c in batch]
