@@ -166,7 +166,9 @@ class HFEngine(Engine):
         """Mean log-probability per token of each completion after its prompt (teacher-forced, no sampling).
 
         Prompt and completion are tokenised apart and concatenated, so the scored tokens are exactly the
-        completion's; an empty completion scores 0.0. Right-padded batches of `batch_size`.
+        completion's; an empty completion scores 0.0. Batches of `batch_size` are left-padded so that every
+        completion ends at the right edge, and the vocabulary projection runs on the last positions only
+        (`logits_to_keep`): memory grows with the completions, not the prompts.
         """
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
@@ -192,20 +194,26 @@ class HFEngine(Engine):
                 batch = zip(prompts[start:end], completions[start:end], strict=True)
                 pairs = [(encode(p), encode(c)) for p, c in batch]
                 width = max(len(p) + len(c) for p, c in pairs)
+                keep = max(len(c) for _, c in pairs) + 1  # positions whose logits predict completion tokens
                 ids = torch.full((len(pairs), width), pad, dtype=torch.long)
                 mask = torch.zeros((len(pairs), width), dtype=torch.long)
                 for row, (p, c) in enumerate(pairs):
-                    ids[row, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
-                    mask[row, : len(p) + len(c)] = 1
-                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-                logp = torch.log_softmax(logits[:, :-1], dim=-1)
-                for row, (p, c) in enumerate(pairs):
+                    ids[row, width - len(p) - len(c) :] = torch.tensor(p + c, dtype=torch.long)
+                    mask[row, width - len(p) - len(c) :] = 1
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = self.model(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=positions.to(device),
+                    logits_to_keep=keep,
+                ).logits  # [rows, keep, vocab]: position width - keep + j
+                for row, (_, c) in enumerate(pairs):
                     if not c:
                         out.append(0.0)
                         continue
+                    predicting = logits[row, keep - len(c) - 1 : keep - 1].float().log_softmax(-1)
                     target = torch.tensor(c, device=device)
-                    rows = logp[row, len(p) - 1 : len(p) - 1 + len(c)]
-                    out.append(rows.gather(1, target[:, None]).mean().item())
+                    out.append(predicting.gather(1, target[:, None]).mean().item())
         self.model.train(was_training)
         return out
 
