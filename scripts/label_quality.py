@@ -57,15 +57,22 @@ def label_gold_questions(args: argparse.Namespace, out: Path) -> list[dict[str, 
         label_model=args.model,
         label_seed=args.seed,
     )
-    labeller = build_labeller(
-        cfg, ModelConfig(model_name_or_path=args.model, dtype="float32"), GenerateConfig(), VLLMConfig(),
-        args.backend,
-    )  # fmt: skip
-    try:
-        questions = [[q.question for q in p.questions] for p in passages]
-        labelled = labeller.answer(passages, questions, args.seed)
-    finally:
-        labeller.engine.close()
+    questions = [[q.question for q in p.questions] for p in passages]
+    sampled = out / "samples.json"  # the sampled answers survive a crash in the scoring pass
+    resumed = sampled.exists() and read_json(out / "settings.json") == settings
+    model = ModelConfig(model_name_or_path=args.model, dtype="float32")
+    backend = "hf" if resumed else args.backend  # scoring only: no sampling engine needed
+    labeller = build_labeller(cfg, model, GenerateConfig(), VLLMConfig(), backend)
+    if resumed:
+        samples = read_json(sampled)
+    else:
+        try:
+            samples = labeller.sample_answers(passages, questions, args.seed)
+        finally:
+            labeller.engine.close()
+        write_json(sampled, samples)
+        write_json(out / "settings.json", settings)
+    labelled = labeller.judge(passages, questions, samples)
     rows = []
     for p, lp in zip(passages, labelled, strict=True):
         for qa, label in zip(p.questions, lp.labels, strict=True):
@@ -78,7 +85,6 @@ def label_gold_questions(args: argparse.Namespace, out: Path) -> list[dict[str, 
                 "contains": gold_contained(label.answer, qa.answers),
             })  # fmt: skip
     write_jsonl(cache, rows)
-    write_json(out / "settings.json", settings)
     return rows
 
 

@@ -231,46 +231,77 @@ class Labeller:
         completions = self.engine.generate(prompts, sampling, adapter=self.adapter)
         return [parse_questions(c[0], cfg.label_num_questions) for c in completions]
 
-    def answer(
+    def _answer_prompt(self, passage: Passage, question: str) -> str:
+        return self._render(
+            ANSWER_PROMPT.format(title=passage.title, context=passage.context, question=question)
+        )
+
+    def sample_answers(
         self, passages: Sequence[Passage], questions: Sequence[Sequence[str]], seed: int
-    ) -> list[LabelledPassage]:
-        """Each question answered `label_num_samples` times with its passage in context; the majority answer
-        and its confidence, kept or not by the recipe's rule."""
+    ) -> list[list[list[str]]]:
+        """`label_num_samples` answers per question (cleaned; shortened with `label_extract`), its passage in
+        context: [passage][question][sample], from one batched engine call."""
         cfg = self.cfg
         pairs = [(p, q) for p, qs in zip(passages, questions, strict=True) for q in qs]
-        prompts = [
-            self._render(ANSWER_PROMPT.format(title=p.title, context=p.context, question=q)) for p, q in pairs
-        ]
         sampling = Sampling(
             n=cfg.label_num_samples,
             temperature=cfg.label_temperature,
             max_new_tokens=cfg.label_max_new_tokens,
             seed=seed,
         )
-        sampled = self.engine.generate(prompts, sampling, adapter=self.adapter)
-        samples = [[clean_answer(s) for s in row] for row in sampled]
-        if cfg.label_extract:
-            samples = [
-                [extract_answer(s, q) for s in row] for (_, q), row in zip(pairs, samples, strict=True)
-            ]
-        chosen = [consensus(row) for row in samples]
-        probs: list[float | None] = [None] * len(pairs)
+        prompts = [self._answer_prompt(p, q) for p, q in pairs]
+        sampled = iter(self.engine.generate(prompts, sampling, adapter=self.adapter))
+        out = []
+        for qs in questions:
+            rows = [[clean_answer(s) for s in next(sampled)] for _ in qs]
+            out.append(
+                [
+                    [extract_answer(s, q) for s in row] if cfg.label_extract else row
+                    for q, row in zip(qs, rows, strict=True)
+                ]
+            )
+        return out
+
+    def judge(
+        self,
+        passages: Sequence[Passage],
+        questions: Sequence[Sequence[str]],
+        samples: Sequence[Sequence[list[str]]],
+    ) -> list[LabelledPassage]:
+        """Each question's consensus answer and its confidence (token probabilities scored in one pass when
+        the measure needs them), kept or not by the recipe's rule."""
+        cfg = self.cfg
+        items = [
+            (p, q, row)
+            for p, qs, rows in zip(passages, questions, samples, strict=True)
+            for q, row in zip(qs, rows, strict=True)
+        ]
+        chosen = [consensus(row) for _, _, row in items]
+        probs: list[float | None] = [None] * len(items)
         if cfg.label_confidence != "agreement":
             scored = [i for i, (answer, _) in enumerate(chosen) if answer]
             logps = self.scorer.mean_logprobs(
-                [prompts[i] for i in scored], [chosen[i][0] for i in scored], adapter=self.adapter
+                [self._answer_prompt(items[i][0], items[i][1]) for i in scored],
+                [chosen[i][0] for i in scored],
+                adapter=self.adapter,
             )
+            probs = [0.0] * len(items)
             for i, logp in zip(scored, logps, strict=True):
                 probs[i] = math.exp(logp)
-            probs = [0.0 if p is None else p for p in probs]
         out = {p.id: LabelledPassage(p) for p in passages}
-        for (p, q), row, (answer, agreement), prob in zip(pairs, samples, chosen, probs, strict=True):
+        for (p, q, row), (answer, agreement), prob in zip(items, chosen, probs, strict=True):
             grounded = supported(answer, p)
             conf = confidence(agreement, prob, cfg.label_confidence)
             grounded_enough = grounded or not cfg.label_require_support
             kept = bool(answer) and conf >= cfg.label_threshold and grounded_enough
             out[p.id].labels.append(PseudoLabel(q, answer, row, agreement, prob, grounded, conf, kept))
         return list(out.values())
+
+    def answer(
+        self, passages: Sequence[Passage], questions: Sequence[Sequence[str]], seed: int
+    ) -> list[LabelledPassage]:
+        """Each question answered `label_num_samples` times with its passage in context, then judged."""
+        return self.judge(passages, questions, self.sample_answers(passages, questions, seed))
 
     def label(self, passages: Sequence[Passage], seed: int) -> list[LabelledPassage]:
         """Questions written, then answered and filtered (two batched engine calls)."""
