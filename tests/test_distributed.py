@@ -133,10 +133,10 @@ def round_rows(out: Path) -> dict[tuple[str, int], dict]:
     return {(r["passage_id"], r["index"]): r for r in rows}
 
 
-def first_epoch_losses(journals: list[Path]) -> dict[tuple, float]:
-    """Each journaled TTT evaluation's first-epoch mean loss, keyed by its journal key."""
+def epoch_losses(journals: list[Path]) -> dict[tuple, list[float]]:
+    """Each journaled TTT evaluation's mean loss per epoch, keyed by its journal key."""
     rows = [json.loads(line) for path in journals for line in path.read_text().splitlines()]
-    return {tuple(r["key"]): r["losses"][0] for r in rows if r["key"][0] == "eval" and r.get("losses")}
+    return {tuple(r["key"]): r["losses"] for r in rows if r["key"][0] == "eval" and r.get("losses")}
 
 
 @pytest.mark.slow
@@ -163,15 +163,15 @@ def test_two_processes_gather_the_single_process_round(tmp_path):
     assert [a[k]["reward"] for k in a] == [b[k]["reward"] for k in a]
     assert [a[k]["kept"] for k in a] == [b[k]["kept"] for k in a]
     assert any(a[k]["reward"] > 0 for k in a)  # the comparison is not between all-zero rounds
-    # same seeds, same chunks: the TTT runs agree. Both runs use one thread per process: bf16 rounding differs
-    # across thread counts and compounds over the epochs until a near-zero last-epoch loss can differ 2x
-    # (0.17 vs 0.36 seen on an AMX CPU with two threads against one), enough to flip a greedy answer and so
-    # a reward; the losses are compared on the first epoch, before any such drift builds up
-    first = [first_epoch_losses([one / "journal.jsonl"])]
-    first.append(first_epoch_losses([two / f"journal.rank{r}.jsonl" for r in range(2)]))
-    assert first[0].keys() == first[1].keys() and len(first[0]) == 8
-    for k, loss in first[0].items():
-        assert first[1][k] == pytest.approx(loss, rel=0.02)
+    # Same seeds, same chunks (a fixed K), one thread per process in both runs: every TTT run executes the
+    # same ops on the same data in the same order on the same machine, so its losses are bit-identical, every
+    # epoch (with two threads against one, bf16 rounding differs and compounds over the epochs: hence the
+    # one-process run's single thread). A sharding bug (a job trained in another chunk, with other seeds or
+    # data) changes them.
+    losses = [epoch_losses([one / "journal.jsonl"])]
+    losses.append(epoch_losses([two / f"journal.rank{r}.jsonl" for r in range(2)]))
+    assert losses[0].keys() == losses[1].keys() and len(losses[0]) == 8
+    assert losses[0] == losses[1]
     kept = [
         sorted((r["passage_id"], r["index"], r["completion"]) for r in map(json.loads, open(d)))
         for d in (one / "round_0/kept.jsonl", two / "round_0/kept.jsonl")
