@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import typing
 from pathlib import Path
+from typing import TypeVar
 
 from trl import TrlParser
 
@@ -20,18 +21,21 @@ from seal.loop import run
 from seal.models import DEFAULT_MODEL
 from seal.review import main as review_main
 
-# One dataclass per concern, in SealArgs' field order: TRL's ModelConfig and SFTConfig, and seal's own.
-ARG_TYPES = tuple(typing.get_type_hints(SealArgs).values())
-EVAL_ARG_TYPES = tuple(typing.get_type_hints(EvalArgs).values())
-LABEL_ARG_TYPES = tuple(typing.get_type_hints(LabelArgs).values())
+Bundle = TypeVar("Bundle", SealArgs, EvalArgs, LabelArgs)
+
+
+def _parse(bundle: type[Bundle], argv: list[str] | None) -> Bundle:
+    """A YAML recipe (`--config`) with CLI overrides, parsed into `bundle` (one dataclass per concern, in its
+    field order: TRL's ModelConfig and SFTConfig, and seal's own); no model named: the embedded one."""
+    args = bundle(*TrlParser(tuple(typing.get_type_hints(bundle).values())).parse_args_and_config(argv))
+    if args.model.model_name_or_path is None:
+        args.model.model_name_or_path = DEFAULT_MODEL
+    return args
 
 
 def parse_args(argv: list[str] | None = None) -> SealArgs:
     """Parse a YAML recipe (`--config`) with CLI overrides into `SealArgs`."""
-    args = SealArgs(*TrlParser(ARG_TYPES).parse_args_and_config(argv))
-    if args.model.model_name_or_path is None:
-        args.model.model_name_or_path = DEFAULT_MODEL
-    return args
+    return _parse(SealArgs, argv)
 
 
 def knowledge(argv: list[str] | None = None) -> None:
@@ -41,10 +45,7 @@ def knowledge(argv: list[str] | None = None) -> None:
 
 def parse_eval_args(argv: list[str] | None = None) -> EvalArgs:
     """Parse an evaluation recipe (`--config`) with CLI overrides into `EvalArgs`."""
-    args = EvalArgs(*TrlParser(EVAL_ARG_TYPES).parse_args_and_config(argv))
-    if args.model.model_name_or_path is None:
-        args.model.model_name_or_path = DEFAULT_MODEL
-    return args
+    return _parse(EvalArgs, argv)
 
 
 def evaluate(argv: list[str] | None = None) -> None:
@@ -57,10 +58,7 @@ def evaluate(argv: list[str] | None = None) -> None:
 
 def parse_label_args(argv: list[str] | None = None) -> LabelArgs:
     """Parse a labelling recipe (`--config`, or flags alone) into `LabelArgs`."""
-    args = LabelArgs(*TrlParser(LABEL_ARG_TYPES).parse_args_and_config(argv))
-    if args.model.model_name_or_path is None:
-        args.model.model_name_or_path = DEFAULT_MODEL
-    return args
+    return _parse(LabelArgs, argv)
 
 
 def label(argv: list[str] | None = None) -> None:

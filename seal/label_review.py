@@ -15,19 +15,17 @@ each round's label review before rewarding self-edits with the labels.
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from seal.config import ReviewConfig
 from seal.label import LabelledPassage
-from seal.review import ASSETS, PAGES, ReviewError, load_decisions_json, number_cell
 from seal.review import LABEL_FORMAT as FORMAT
+from seal.review import PAGES, ReviewError, load_decisions_json, number_cell, page_assets
 from seal.utils import read_json, read_jsonl, write_json, write_jsonl
 
 logger = logging.getLogger("seal")
@@ -64,9 +62,6 @@ def render_label_page(records: Sequence[Mapping[str, Any]], name: str, where: st
                 "confidence_cell": number_cell(label["confidence"]),
                 "agreement_cell": number_cell(label["agreement"]), "token_prob_cell": number_cell(prob),
             })  # fmt: skip
-    js = resources.files("seal").joinpath(ASSETS, "labels_review.js").read_text(encoding="utf-8")
-    css = resources.files("seal").joinpath(ASSETS, "review.css").read_text(encoding="utf-8")
-    script_hash = base64.b64encode(hashlib.sha256(js.encode()).digest()).decode()
     return PAGES.get_template("labels_review.html.j2").render(
         labels=shown,
         name=name,
@@ -75,9 +70,7 @@ def render_label_page(records: Sequence[Mapping[str, Any]], name: str, where: st
         page_id=page_id(records, name),
         kept_n=sum(lb["kept"] for lb in shown),
         format=FORMAT,
-        csp=f"default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{script_hash}'",
-        css=css,
-        js=js,
+        **page_assets("labels_review.js"),
     )
 
 

@@ -62,6 +62,19 @@ def number_cell(x: float | None, signed: bool = False) -> str:
     return f"{x:+.3f}" if signed else f"{x:.2f}"
 
 
+def page_assets(script: str) -> dict[str, str]:
+    """A review page's inlined assets: the shared stylesheet, its script after the shared helpers, and a
+    Content-Security-Policy that lets only that script run (by its hash)."""
+    files = resources.files("seal").joinpath(ASSETS)
+    js = files.joinpath("download.js").read_text(encoding="utf-8") + files.joinpath(script).read_text("utf-8")
+    script_hash = base64.b64encode(hashlib.sha256(js.encode()).digest()).decode()
+    return {
+        "css": files.joinpath("review.css").read_text(encoding="utf-8"),
+        "js": js,
+        "csp": f"default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{script_hash}'",
+    }
+
+
 def page_id(rows: Sequence[Mapping[str, Any]], run_name: str, round_index: int) -> str:
     """A short fingerprint of the reviewed self-edits (keys the browser's saved state; echoed in exports)."""
     digest = hashlib.sha256(json.dumps([run_name, round_index], ensure_ascii=False).encode())
@@ -112,9 +125,6 @@ def render_page(
                 "base_cell": number_cell(row.get("base_accuracy")),
             }
         )
-    js = resources.files("seal").joinpath(ASSETS, "review.js").read_text(encoding="utf-8")
-    css = resources.files("seal").joinpath(ASSETS, "review.css").read_text(encoding="utf-8")
-    script_hash = base64.b64encode(hashlib.sha256(js.encode()).digest()).decode()
     return PAGES.get_template("review.html.j2").render(
         rows=shown,
         run_name=run_name,
@@ -124,9 +134,7 @@ def render_page(
         page_id=page_id(rows, run_name, round_index),
         kept_n=sum(bool(r.get("kept")) for r in rows),
         format=FORMAT,
-        csp=f"default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{script_hash}'",
-        css=css,
-        js=js,
+        **page_assets("review.js"),
     )
 
 

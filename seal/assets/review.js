@@ -69,15 +69,6 @@
         passage_id: tr.dataset.passageId, index: Number(tr.dataset.index), decision: tr.dataset.decision,
       })),
     };
-    const blob = new Blob([JSON.stringify(payload, null, 2) + '\n'], {type: 'application/json'});
-    const url = URL.createObjectURL(blob);
-    const a = document.createElement('a');
-    a.href = url;
-    a.download = page.filename;
-    document.body.appendChild(a);
-    a.click();
-    a.remove();
-    setTimeout(() => URL.revokeObjectURL(url), 10000);
-    document.getElementById('exported').textContent = 'Exported ' + page.filename;
+    downloadJSON(payload, page.filename, document.getElementById('exported'));
   });
 })();
