@@ -43,8 +43,9 @@ from seal.utils import setup_logging, task_seed, write_json, write_jsonl
 logger = logging.getLogger("seal")
 
 QUESTION_PROMPT = (
-    "Read the passage and write {n} different questions about its facts, one per line. Each question must "
-    "be answerable with a short phrase from the passage.\n\nPassage:\n{title}\n{context}\n\nQuestions:"
+    "Read the passage and write {n} different quiz questions about it, one per line. Each question asks for "
+    "one fact stated in the passage: a name, a number, a date or a place.\n\nPassage:\n{title}\n{context}"
+    "\n\nQuestions:"
 )
 ANSWER_PROMPT = (
     "Read the passage and answer the question with a short phrase from the passage.\n\nPassage:\n{title}\n"

@@ -41,7 +41,7 @@ class Scripted(Engine):
         self.calls.append((len(prompts), sampling.n, adapter))
         out = []
         for prompt in prompts:
-            if "different questions" in prompt:
+            if "different quiz questions" in prompt:
                 out.append([self.questions] * sampling.n)
             else:
                 question = prompt.rsplit("Question: ", 1)[1].split("<|im_end|>")[0].strip()
@@ -217,7 +217,7 @@ def scripted_labelling(monkeypatch) -> list[float]:
     original = HFEngine.generate
 
     def generate(self, prompts, sampling, adapter=None):
-        if "different questions" in prompts[0]:
+        if "different quiz questions" in prompts[0]:
             seen.append(sum(p.double().sum().item() for p in self.model.parameters()))
             return [["1. Who built the bridge?\n2. When was it built?"] * sampling.n for _ in prompts]
         if "short phrase from the passage" in prompts[0]:
