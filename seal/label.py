@@ -132,6 +132,10 @@ def clean_answer(text: str) -> str:
     return line.strip(" \"'*").rstrip(".").strip()
 
 
+# Words about the task rather than the passage ("The answer is 1847", "as the passage says"): never an answer.
+META_WORDS = frozenset("answer answers question questions passage text mentioned says states stated".split())
+
+
 def extract_answer(answer: str, question: str) -> str:
     """The answer without the words it repeats from the question: its longest run of words the question does
     not use (function words allowed inside a run, not at its ends; a capitalised word right after it kept,
@@ -143,11 +147,12 @@ def extract_answer(answer: str, question: str) -> str:
         return any(w.startswith(stem) for stem in stems if len(stem) >= 4) or w in stems
 
     tokens = answer.split()
-    new = [bool(ws := words(t)) and any(not asked(w) and w not in STOPWORDS for w in ws) for t in tokens]
+    filler = STOPWORDS | META_WORDS
+    new = [bool(ws := words(t)) and any(not asked(w) and w not in filler for w in ws) for t in tokens]
     best, start = (0, 0, 0), None  # (new words, start, end) of the best run
     for i, token in enumerate([*tokens, ""]):
         is_new = i < len(tokens) and new[i]
-        inner = i < len(tokens) and start is not None and all(w in STOPWORDS for w in words(token))
+        inner = i < len(tokens) and start is not None and all(w in filler for w in words(token))
         if is_new and start is None:
             start = i
         elif not is_new and not inner and start is not None:
@@ -240,8 +245,8 @@ class Labeller:
     def sample_answers(
         self, passages: Sequence[Passage], questions: Sequence[Sequence[str]], seed: int
     ) -> list[list[list[str]]]:
-        """`label_num_samples` answers per question (cleaned; shortened with `label_extract`), its passage in
-        context: [passage][question][sample], from one batched engine call."""
+        """`label_num_samples` answers per question, its passage in context, each cut to its first line:
+        [passage][question][sample], from one batched engine call."""
         cfg = self.cfg
         pairs = [(p, q) for p, qs in zip(passages, questions, strict=True) for q in qs]
         sampling = Sampling(
@@ -252,16 +257,7 @@ class Labeller:
         )
         prompts = [self._answer_prompt(p, q) for p, q in pairs]
         sampled = iter(self.engine.generate(prompts, sampling, adapter=self.adapter))
-        out = []
-        for qs in questions:
-            rows = [[clean_answer(s) for s in next(sampled)] for _ in qs]
-            out.append(
-                [
-                    [extract_answer(s, q) for s in row] if cfg.label_extract else row
-                    for q, row in zip(qs, rows, strict=True)
-                ]
-            )
-        return out
+        return [[[clean_answer(s) for s in next(sampled)] for _ in qs] for qs in questions]
 
     def judge(
         self,
@@ -269,11 +265,12 @@ class Labeller:
         questions: Sequence[Sequence[str]],
         samples: Sequence[Sequence[list[str]]],
     ) -> list[LabelledPassage]:
-        """Each question's consensus answer and its confidence (token probabilities scored in one pass when
-        the measure needs them), kept or not by the recipe's rule."""
+        """Each question's consensus answer over its samples (shortened with `label_extract`) and its
+        confidence (token probabilities scored in one pass when the measure needs them), kept or not by the
+        recipe's rule."""
         cfg = self.cfg
         items = [
-            (p, q, row)
+            (p, q, [extract_answer(s, q) for s in row] if cfg.label_extract else list(row))
             for p, qs, rows in zip(passages, questions, samples, strict=True)
             for q, row in zip(qs, rows, strict=True)
         ]

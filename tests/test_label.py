@@ -74,6 +74,7 @@ def test_answers_are_cleaned_and_shortened_to_what_the_question_did_not_say():
         "Brannock Institute"  # an inflection of a question word is the question's; a name keeps its last word
     )
     assert extract_answer("the ferry", "Which ferry?") == "the ferry"  # nothing new: the answer whole
+    assert extract_answer("The answer is 1847", "In which year did the law pass?") == "1847"  # no task words
 
 
 def test_consensus_and_agreement():
