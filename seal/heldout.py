@@ -39,8 +39,22 @@ DIR = "heldout"  # <run>/heldout/: generations per set and point, results.{json,
 
 def load_heldout(cfg: HeldOutConfig, train: Sequence[Passage]) -> dict[str, list[Passage]]:
     """{set name: passages} of every held-out set, validated; a held-out passage whose context is also a
-    training passage's is refused (DataValidationError naming both records) before any model loads."""
+    training passage's, contains one or lies inside one (of 8 words or more: documents split into passages),
+    is refused
+    (DataValidationError naming both records) before any model loads."""
     seen = {context_key(p.context): p.id for p in train}
+
+    def trained_as(context: str) -> str | None:
+        key = context_key(context)
+        if key in seen:
+            return seen[key]
+        inside = (  # one inside the other; a few words in common are not a passage
+            pid
+            for other, pid in seen.items()
+            if (other in key and len(other.split()) >= 8) or (key in other and len(key.split()) >= 8)
+        )
+        return next(inside, None)
+
     sets, problems = {}, []
     for name in cfg.heldout_datasets:
         if name in sets:
@@ -49,10 +63,10 @@ def load_heldout(cfg: HeldOutConfig, train: Sequence[Passage]) -> dict[str, list
             name, cfg.heldout_split, limit=cfg.heldout_num_passages, max_questions=cfg.heldout_max_questions
         )
         for p in passages:
-            if context_key(p.context) in seen:
+            if (trained := trained_as(p.context)) is not None:
                 problems.append(
-                    f"{name}: record (id={p.id}): field 'context': also the training passage "
-                    f"'{seen[context_key(p.context)]}': held-out passages must never be trained on"
+                    f"{name}: record (id={p.id}): field 'context': overlaps the training passage "
+                    f"'{trained}': held-out passages must never be trained on"
                 )
         sets[name] = passages
     if problems:

@@ -5,8 +5,10 @@ import json
 import datasets
 import pytest
 
-from seal.data import DataValidationError
+from seal.config import HeldOutConfig
+from seal.data import DataValidationError, Passage, load_passages
 from seal.documents import load_documents, split_text
+from seal.heldout import load_heldout
 from seal.label import tokens_counter
 
 
@@ -111,3 +113,16 @@ def test_non_utf8_empty_folder_wrong_suffix(tmp_path):
         load_documents(str(tmp_path / "table.csv"))
     with pytest.raises(ValueError, match="document_max_tokens"):
         load_documents(str(tmp_path), max_tokens=0)
+
+
+def test_a_heldout_passage_overlapping_a_training_chunk_is_refused():
+    heldout = load_passages("sample", "eval")[0]
+    first_sentence = heldout.context.split(". ")[0] + "."
+    assert len(first_sentence.split()) >= 8
+    cfg = HeldOutConfig(heldout_datasets=["sample"], heldout_split="eval")
+    message = rf"record \(id={heldout.id}\): field 'context': overlaps the training passage 'doc.txt#0'"
+    with pytest.raises(DataValidationError, match=message):  # a document chunk inside a held-out passage
+        load_heldout(cfg, [Passage("doc.txt#0", "", first_sentence, [])])
+    with pytest.raises(DataValidationError, match=message):  # a held-out passage inside a document
+        load_heldout(cfg, [Passage("doc.txt#0", "", f"Before. {heldout.context} After.", [])])
+    assert load_heldout(cfg, [Passage("doc.txt#0", "", "It was built in 1987.", [])])  # a few words: not one
