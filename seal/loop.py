@@ -260,7 +260,7 @@ class Rounds:
                 with all_cpu_threads(self.world > 1):
                     labelled = self.labeller().label(self.documents, task_seed(self.seed, "label", r))
                 record = self.journal.append(key, records=[lp.to_record() for lp in labelled])
-            self.journal.merge(broadcast_object_list([record]) if self.world > 1 else [record])
+            self.journal.merge([self._broadcast(record)])
         records = self.journal.get(*key)["records"]
         round_dir = self.run_dir / f"round_{r}"
         if self.main and not (round_dir / "labels.jsonl").is_file():
@@ -277,7 +277,7 @@ class Rounds:
         if not self.passages:
             raise RuntimeError(
                 f"round {r}: no pseudo-label passed label_threshold={self.args.label.label_threshold}; "
-                f"see {self.run_dir / f'round_{r}' / 'labels.jsonl'} (lower it, or check the labeller)"
+                f"see {round_dir / 'labels.jsonl'} (lower it, or check the labeller)"
             )
         return counts
 
