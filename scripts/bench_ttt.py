@@ -39,7 +39,8 @@ from trl import SFTConfig, SFTTrainer
 
 from seal.config import GenerateConfig, RewardConfig, TTTConfig
 from seal.data import load_passages
-from seal.generate import HFEngine, SelfEdit, generate_self_edits
+from seal.domain import Knowledge, Policy
+from seal.generate import HFEngine, SelfEdit
 from seal.generate.hf import stack_adapter
 from seal.graders import make_grader
 from seal.losses import IGNORE_INDEX
@@ -125,7 +126,8 @@ def self_edits(path: Path, model_path: str, tokenizer, passages, num_self_edits:
         return edits
     cfg = GenerateConfig(num_self_edits=num_self_edits, max_new_tokens=192, include_passage=True)
     generator = HFEngine(load_model(path=model_path), tokenizer, batch_size=32)
-    edits = [e for per in generate_self_edits(generator, tokenizer, passages, cfg, seed=0) for e in per]
+    nested = Knowledge(cfg).sample(Policy(generator), tokenizer, passages, seed=0)
+    edits = [e for per in nested for e in per]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(e.to_dict()) + "\n" for e in edits))
     return edits

@@ -22,6 +22,7 @@ from accelerate import PartialState
 
 from seal.cli import parse_args
 from seal.data import load_passages
+from seal.domain import build_domain
 from seal.generate import SelfEdit
 from seal.inner_loop import Job
 from seal.journal import Journal
@@ -94,7 +95,7 @@ def main() -> None:
                 jobs.append(Job(name, e.examples, [by_id[e.passage_id]], seed))
     print(f"{len(edits)} self-edits x {cli.repeats} seeds: {len(jobs)} TTT runs to do", flush=True)
     if jobs:
-        rt = load_runtime(args, PartialState(), passages, [])
+        rt = load_runtime(args, PartialState(), build_domain(args), passages, [])
         rt.inner_loop(out / "adapters").run(
             jobs, lambda job, losses, scores: journal.append(keys[job.name], accuracy=scores[0].accuracy)
         )

@@ -13,7 +13,6 @@ numbers here are produced by exactly the code the ReST-EM loop uses. Every finis
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -25,9 +24,9 @@ from accelerate import PartialState
 
 from seal.config import EvalArgs, EvalCondition, EvalConfig, choices
 from seal.data import DataValidationError, Passage, context_key, load_passages
-from seal.generate import HFEngine, SelfEdit, generate_self_edits, make_self_edits
+from seal.domain import Knowledge, Policy
+from seal.generate import HFEngine, SelfEdit
 from seal.generate.engine import adapter_rank
-from seal.generate.self_edits import check_prompt_lengths, self_edit_data
 from seal.graders import Grader
 from seal.inner_loop import Job
 from seal.journal import Journal
@@ -36,7 +35,6 @@ from seal.report import bar_chart, markdown_results, markdown_timing
 from seal.runtime import Runtime
 from seal.sequences import check_overlong, check_passages_fit
 from seal.stats import bootstrap_ci, paired_difference
-from seal.templates import passage_examples
 from seal.update import Update
 from seal.utils import atomic_write, read_jsonl, setup_logging, task_seed, write_json, write_jsonl
 from seal.weights import MERGED, merged_update
@@ -130,6 +128,7 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
     passages = load_passages(
         cfg.eval_dataset, cfg.eval_split, limit=cfg.eval_num_passages, max_questions=cfg.eval_max_questions
     )
+    domain = Knowledge(gen)  # held-out passages with gold questions
     files = completion_files(cfg)
     from_files = {
         label: load_completions(path, passages, cfg.eval_num_self_edits) for label, path in files.items()
@@ -145,7 +144,7 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
     base_path = resolve_model_path(args.model.model_name_or_path)
     tokenizer = load_tokenizer(base_path, revision=args.model.model_revision)
     if {"base_generator", "trained_generator"} & set(conditions):  # self-edits are sampled: before models
-        check_prompt_lengths(passages, tokenizer, gen, args.vllm.vllm_max_model_len)
+        domain.check_prompts(passages, tokenizer, args.vllm.vllm_max_model_len)
     check_passages_fit(passages, tokenizer, args.ttt, gen, gen.include_passage or "passage" in conditions)
     rt = Runtime.load(
         base_path, tokenizer, args.model, gen, args.ttt, args.reward, args.vllm,
@@ -162,9 +161,9 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
         if c in ("base", "passage", "trained_base"):
             continue
         if c in from_files:
-            edits[c] = {p.id: make_self_edits(p, from_files[c][p.id], gen) for p in passages}
+            edits[c] = {p.id: domain.parse(p, from_files[c][p.id]) for p in passages}
         else:
-            edits[c] = sampled_self_edits(c, out, engine, tokenizer, passages, args, journal)
+            edits[c] = sampled_self_edits(c, out, domain, engine, tokenizer, passages, args, journal)
 
     # Base answers: once, no training.
     if journal.get("base") is None:
@@ -182,9 +181,9 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
             if c in ("base", "trained_base"):
                 continue
             data = {
-                p.id: [passage_examples(p, gen)]
+                p.id: [domain.control_examples(p)]
                 if c == "passage"
-                else [self_edit_data(e, p, gen) for e in edits[c][p.id]]
+                else [domain.edit_examples(e, p) for e in edits[c][p.id]]
                 for p in passages
             }
             n_before = len(jobs)
@@ -255,6 +254,7 @@ def evaluate(args: EvalArgs, argv: Sequence[str] | None = None) -> dict[str, Any
 def sampled_self_edits(
     condition: str,
     out: Path,
+    domain: Knowledge,
     engine,
     tokenizer,
     passages: Sequence[Passage],
@@ -268,17 +268,14 @@ def sampled_self_edits(
         saved = [SelfEdit.from_dict(d) for d in read_jsonl(path)]
         logger.info("%s: reusing %d sampled self-edits from %s", condition, len(saved), path)
     else:
-        gen = dataclasses.replace(args.generate, num_self_edits=args.eval.eval_num_self_edits)
-        logger.info(
-            "%s: sampling %d self-edits for each of %d passages", condition, gen.num_self_edits, len(passages)
-        )
+        n = args.eval.eval_num_self_edits
+        logger.info("%s: sampling %d self-edits for each of %d passages", condition, n, len(passages))
         start = time.monotonic()
         generator, adapter = engine, None
         if condition == "trained_generator":
             generator, adapter = trained_generator(args, engine, tokenizer)
-        nested = generate_self_edits(
-            generator, tokenizer, passages, gen, task_seed(args.eval.eval_seed, condition), adapter
-        )
+        seed = task_seed(args.eval.eval_seed, condition)
+        nested = domain.sample(Policy(generator, adapter), tokenizer, passages, seed, n)
         if adapter is not None:
             engine.remove_adapter(adapter)
         saved = [e for per in nested for e in per]

@@ -12,24 +12,23 @@ with passage-only TTT on the same passages (paired).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from seal.config import GenerateConfig, HeldOutConfig
+from seal.config import HeldOutConfig
 from seal.data import DataValidationError, Passage, context_key, load_passages
 from seal.describe import describe_rows
-from seal.generate import SelfEdit, generate_self_edits
-from seal.generate.self_edits import self_edit_data
+from seal.domain import Domain, Policy
+from seal.generate import SelfEdit
 from seal.inner_loop import InnerLoop, Job
 from seal.journal import Journal
 from seal.paths import safe_name
 from seal.reward import PassageScore, Rewarder
 from seal.stats import bootstrap_ci, paired_difference
-from seal.templates import TrainExample, passage_examples
+from seal.templates import TrainExample
 from seal.utils import read_jsonl, task_seed, write_json, write_jsonl
 
 logger = logging.getLogger("seal")
@@ -91,22 +90,22 @@ class HeldOut:
         self,
         sets: dict[str, list[Passage]],
         cfg: HeldOutConfig,
-        gen: GenerateConfig,
+        domain: Domain,
         journal: Journal,
         run_dir: Path,
         seed: int,
         ttt_model: str,
     ):
         self.sets, self.cfg, self.journal, self.seed = sets, cfg, journal, seed
-        self.gen = dataclasses.replace(gen, num_self_edits=cfg.heldout_num_self_edits)
+        self.domain, self.n = domain, cfg.heldout_num_self_edits
         self.dir = Path(run_dir) / DIR
         self.ttt_model = ttt_model
         self.labels = labels(list(sets))
 
     def evaluate(
-        self, point: int, inner: InnerLoop, rewarder: Rewarder, generator, tokenizer, adapter: str | None
+        self, point: int, inner: InnerLoop, rewarder: Rewarder, policy: Policy, tokenizer
     ) -> dict[str, Any]:
-        """Evaluate the generator of point `point` (`generator` + `adapter`; `inner`/`rewarder` train and
+        """Evaluate the generator of point `point` (`policy`; `inner`/`rewarder` train and
         score on the weights TTT runs on now) on every set; return the round-summary fields."""
         jobs: list[Job] = []
         keys: dict[str, tuple] = {}
@@ -119,13 +118,15 @@ class HeldOut:
             if point == 0:
                 for p in passages:
                     keys[f"heldout-{name}-passage-{p.id}"] = ("heldout", name, "passage", p.id)
-                    jobs.append(self._job(f"heldout-{name}-passage-{p.id}", passage_examples(p, self.gen), p))
-            edits = self._self_edits(name, point, passages, generator, tokenizer, adapter)
+                    jobs.append(
+                        self._job(f"heldout-{name}-passage-{p.id}", self.domain.control_examples(p), p)
+                    )
+            edits = self._self_edits(name, point, passages, policy, tokenizer)
             for p in passages:
                 for i, edit in enumerate(edits[p.id]):
                     job_name = f"heldout-{name}-{point}-{p.id}-{i}"
                     keys[job_name] = ("heldout", name, "generator", point, p.id, i)
-                    jobs.append(self._job(job_name, self_edit_data(edit, p, self.gen), p))
+                    jobs.append(self._job(job_name, self.domain.edit_examples(edit, p), p))
         pending = [j for j in jobs if self.journal.get(*keys[j.name]) is None]
         logger.info(
             "held-out evaluation %d: %d TTT runs (%d already done)",
@@ -145,7 +146,7 @@ class HeldOut:
         return Job(name, examples, [passage], task_seed(self.seed, name))
 
     def _self_edits(
-        self, name: str, point: int, passages: list[Passage], generator, tokenizer, adapter: str | None
+        self, name: str, point: int, passages: list[Passage], policy: Policy, tokenizer
     ) -> dict[str, list[SelfEdit]]:
         """The point's self-edits for one set: sampled once, saved, reused on resume."""
         path = self.dir / safe_name(name) / f"generations_{point}.jsonl"
@@ -153,7 +154,7 @@ class HeldOut:
             saved = [SelfEdit.from_dict(d) for d in read_jsonl(path)]
         else:
             seed = task_seed(self.seed, "heldout", name, point)
-            nested = generate_self_edits(generator, tokenizer, passages, self.gen, seed, adapter)
+            nested = self.domain.sample(policy, tokenizer, passages, seed, self.n)
             saved = [e for per in nested for e in per]
             write_jsonl(path, [e.to_dict() for e in saved])
         grouped: dict[str, list[SelfEdit]] = {p.id: [] for p in passages}
@@ -174,9 +175,7 @@ class HeldOut:
         passage = [entry("passage", p.id) for p in passages]
         out["passage"] = [e["scores"][0]["accuracy"] for e in passage] if all(passage) else None
         for q in range(point + 1):
-            runs = [
-                [entry("generator", q, p.id, i) for i in range(self.gen.num_self_edits)] for p in passages
-            ]
+            runs = [[entry("generator", q, p.id, i) for i in range(self.n)] for p in passages]
             done = all(all(per) for per in runs)
             out[f"generator_{q}"] = (
                 [fmean(e["scores"][0]["accuracy"] for e in per) for per in runs] if done else None

@@ -31,26 +31,22 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
 from seal.config import SealArgs
-from seal.data import Passage, load_passages
+from seal.data import Passage
 from seal.describe import describe_rows
-from seal.documents import load_documents
+from seal.domain import Domain, Policy, build_domain
 from seal.filter import passages_without_kept, select
-from seal.generate import HFEngine, SelfEdit, generate_self_edits
+from seal.generate import HFEngine, SelfEdit
 from seal.generate.engine import engine_backend, vllm_engine
-from seal.generate.self_edits import check_prompt_lengths
 from seal.heldout import HeldOut, load_heldout
 from seal.hub import HUB_RESUMABLE, check_hub_args, push
 from seal.inner_loop import Job
 from seal.journal import Journal
-from seal.label import LabelledPassage, Labeller, build_labeller, label_summary, tokens_counter
-from seal.label_review import review_labels
 from seal.models import load_model, load_tokenizer, resolve_model_path
 from seal.report import markdown_rows
 from seal.review import review_round
 from seal.reward import PassageScore, reward
 from seal.runtime import Runtime
 from seal.sequences import check_overlong, check_passages_fit
-from seal.templates import passage_examples
 from seal.tracking import RoundTracker
 from seal.update import Update, finished_update, update_generator
 from seal.utils import atomic_write, read_jsonl, setup_logging, task_seed, write_json, write_jsonl
@@ -115,7 +111,8 @@ def run(
     """
     check_args(args)
     state = PartialState()
-    passages = load_data(args, state)  # validated before any model is loaded
+    domain = build_domain(args)  # what a self-edit is, and where a round's items come from
+    passages = load_data(args, state, domain)  # validated before any model is loaded
     heldout_sets = load_heldout(args.heldout, passages)  # validated, and refused if trained on
     run_dir = setup_run_dir(args, state.is_main_process)
     state.wait_for_everyone()
@@ -125,14 +122,14 @@ def run(
         *(run_dir, len(passages), args.loop.num_rounds, state.num_processes),
     )
     tracker = RoundTracker.for_run(run_dir, args.sft) if state.is_main_process else None  # + rounds.png
-    rt = load_runtime(args, state, passages, [p for ps in heldout_sets.values() for p in ps])
-    rounds = Rounds(args, rt, passages, heldout_sets, run_dir, state, tracker, on_evaluation)
+    rt = load_runtime(args, state, domain, passages, [p for ps in heldout_sets.values() for p in ps])
+    rounds = Rounds(args, domain, rt, passages, heldout_sets, run_dir, state, tracker, on_evaluation)
 
     summaries: list[dict[str, Any]] = []
     before = rounds.evaluate_heldout(0)
     for r in range(args.loop.num_rounds):
         t0 = time.time()
-        labels = rounds.pseudo_label(r)  # label-free: the round's model writes the questions its reward uses
+        labels = rounds.items(r)  # label-free: the round's model writes the questions its reward uses
         if labels is None:  # waiting for a person's review of the pseudo-labels (labels_review.html)
             break
         base_acc = rounds.baseline(r)
@@ -174,35 +171,28 @@ def run(
     return summaries
 
 
-def load_data(args: SealArgs, state: PartialState) -> list[Passage]:
-    """The run's passages, validated: gold question-answer data, or raw documents split into passages of at
-    most `document_max_tokens` of the model's tokens (questions come from pseudo-labelling, every round)."""
-    data = args.data
-    if data.dataset_labels == "gold":
-        return load_passages(
-            data.dataset_name,
-            split=data.dataset_split,
-            config=data.dataset_config,
-            limit=data.num_passages,
-            max_questions=data.max_questions_per_passage,
-        )
-    with state.main_process_first():  # the embedded model is converted (once) by the main process
-        path = resolve_model_path(args.model.model_name_or_path, args.loop.model_cache_dir)
-    return load_documents(
-        data.dataset_name, data.dataset_split, data.dataset_config, data.num_passages,
-        data.document_max_tokens, tokens_counter(load_tokenizer(path)), data.document_text_field,
-    )  # fmt: skip
+def load_data(args: SealArgs, state: PartialState, domain: Domain) -> list[Passage]:
+    """The run's items, validated by the domain (gold question-answer passages, or documents split into
+    passages whose questions come from pseudo-labelling every round)."""
+
+    def tokenizer() -> Any:
+        with state.main_process_first():  # the embedded model is converted (once) by the main process
+            return load_tokenizer(
+                resolve_model_path(args.model.model_name_or_path, args.loop.model_cache_dir)
+            )
+
+    return domain.load(args.data, tokenizer)
 
 
 def load_runtime(
-    args: SealArgs, state: PartialState, passages: list[Passage], heldout: list[Passage]
+    args: SealArgs, state: PartialState, domain: Domain, passages: list[Passage], heldout: list[Passage]
 ) -> Runtime:
     """The run's models (one base for the whole run: TTT adapters come and go on it), after the checks that
     need only the tokenizer."""
     with state.main_process_first():  # the embedded model is converted (once) by the main process
         base_path = resolve_model_path(args.model.model_name_or_path, args.loop.model_cache_dir)
     tokenizer = load_tokenizer(base_path, revision=args.model.model_revision)
-    check_prompt_lengths([*passages, *heldout], tokenizer, args.generate, args.vllm.vllm_max_model_len)
+    domain.check_prompts([*passages, *heldout], tokenizer, args.vllm.vllm_max_model_len)
     check_passages_fit(passages, tokenizer, args.ttt, args.generate)  # ttt_overlong: error
     judge_path = None  # a local judge is the engine itself unless judge_model is set
     if args.reward.reward_grader == "judge" and args.reward.judge_model and not args.reward.judge_url:
@@ -220,6 +210,7 @@ class Rounds:
     def __init__(
         self,
         args: SealArgs,
+        domain: Domain,
         rt: Runtime,
         passages: list[Passage],
         heldout_sets: dict[str, list[Passage]],
@@ -228,8 +219,8 @@ class Rounds:
         tracker: RoundTracker | None,
         on_evaluation: Callable[[dict[str, Any]], None] | None,
     ):
-        self.args, self.rt, self.passages, self.run_dir = args, rt, passages, run_dir
-        self.documents = passages  # label-free runs: what each round pseudo-labels anew
+        self.args, self.domain, self.rt, self.passages, self.run_dir = args, domain, rt, passages, run_dir
+        self.documents = passages  # relabelling domains: what each round labels anew
         self.rank, self.world, self.main = state.process_index, state.num_processes, state.is_main_process
         self.on_evaluation = on_evaluation or (lambda record: None)
         self.by_id = {p.id: p for p in passages}
@@ -237,69 +228,54 @@ class Rounds:
         self.journal = Journal(run_dir / "journal.jsonl", rank=self.rank if self.world > 1 else None)
         self.heldout_sets = heldout_sets
         self.heldout = HeldOut(
-            heldout_sets, args.heldout, args.generate, self.journal, run_dir, self.seed, args.ttt.ttt_model
+            heldout_sets, args.heldout, domain, self.journal, run_dir, self.seed, args.ttt.ttt_model
         )
         self.tracker = tracker
         self.inner = rt.inner_loop(run_dir / "adapters")
         self.generator, self.adapter = rt.engine, None  # round 0 samples from the base model itself
-        self._fixed_labeller: Labeller | None = None
 
     def _broadcast(self, value: Any) -> Any:
         return broadcast_object_list([value])[0] if self.world > 1 else value
 
-    def pseudo_label(self, r: int) -> dict[str, Any] | None:
-        """Label-free runs: the round's passages are the documents with a kept pseudo-label, written by the
-        round's model (or the recipe's labeller) and journaled, then reviewed with `review: true`; returns
-        the round's label counts (None while the labels wait for review)."""
-        if self.args.data.dataset_labels != "pseudo":
+    def policy(self) -> Policy:
+        """The generator that writes now (θ_r, or the base through its update adapter), with the HF engine on
+        the same weights when there is one (for token probabilities)."""
+        rt = self.rt
+        scorer = rt.hf if self.generator is rt.hf or self.adapter is None else None
+        return Policy(self.generator, self.adapter, scorer)
+
+    def items(self, r: int) -> dict[str, Any] | None:
+        """The round's items: the run's own, or (relabelling domains) the documents with a kept label written
+        by the round's model, journaled, then reviewed with `review: true`; returns the label counts for the
+        round summary (None while the labels wait for review)."""
+        if not self.domain.relabels:
             return {}
         key = ("labels", r)
         if self.journal.get(*key) is None:
             record = None
             if self.main:
                 with all_cpu_threads(self.world > 1):
-                    labelled = self.labeller().label(self.documents, task_seed(self.seed, "label", r))
-                record = self.journal.append(key, records=[lp.to_record() for lp in labelled])
+                    seed = task_seed(self.seed, "label", r)
+                    records = self.domain.label(r, self.documents, self.policy(), self.rt.tokenizer, seed)
+                record = self.journal.append(key, records=records)
             self.journal.merge([self._broadcast(record)])
         records = self.journal.get(*key)["records"]
         round_dir = self.run_dir / f"round_{r}"
         if self.main and not (round_dir / "labels.jsonl").is_file():
             write_jsonl(round_dir / "labels.jsonl", records)
         if self.args.review.review:
-            records = self._broadcast(review_labels(round_dir, self.args.review) if self.main else None)
+            records = self._broadcast(self.domain.review(round_dir, self.args.review) if self.main else None)
             if records is None:
                 return None
-        labelled = [LabelledPassage.from_record(d) for d in records]
-        self.passages = [lp.as_passage() for lp in labelled if lp.kept]
+        self.passages, counts = self.domain.labelled(round_dir, records)
         self.by_id = {p.id: p for p in self.passages}
-        counts = label_summary(labelled)
-        logger.info("round %d pseudo-labels: %s", r, counts)
-        if not self.passages:
-            raise RuntimeError(
-                f"round {r}: no pseudo-label passed label_threshold={self.args.label.label_threshold}; "
-                f"see {round_dir / 'labels.jsonl'} (lower it, or check the labeller)"
-            )
         return counts
-
-    def labeller(self) -> Labeller:
-        """The round's labeller: the current generator (θ_r, or the base with its update adapter), or the
-        recipe's own local model or endpoint (loaded once)."""
-        args, rt = self.args, self.rt
-        if args.label.label_url or args.label.label_model:
-            if self._fixed_labeller is None:  # HF: a second vLLM engine in one process is not supported
-                self._fixed_labeller = build_labeller(
-                    args.label, args.model, args.generate, args.vllm, "hf", args.loop.model_cache_dir
-                )
-            return self._fixed_labeller
-        scorer = rt.hf if self.generator is rt.hf or self.adapter is None else None  # HF on the same weights
-        use_chat = args.generate.use_chat_template
-        return Labeller(self.generator, rt.tokenizer, args.label, use_chat, scorer, self.adapter)
 
     def baseline(self, r: int) -> dict[str, float]:
         """θ_r's no-context accuracy per passage (journaled once per round's weights; round 0: the base;
         label-free runs: every round, since the questions change)."""
         fixed = r == 0 or self.args.ttt.ttt_model == "base"
-        key = ("baseline",) if fixed and self.args.data.dataset_labels == "gold" else ("baseline", r)
+        key = ("baseline",) if fixed and not self.domain.relabels else ("baseline", r)
         if self.journal.get(*key) is None:
             record = None
             if self.main:
@@ -313,7 +289,7 @@ class Rounds:
         fields = None
         if self.main and self.heldout_sets:
             fields = self.heldout.evaluate(
-                point, self.inner, self.inner.rewarder, self.generator, self.rt.tokenizer, self.adapter
+                point, self.inner, self.inner.rewarder, self.policy(), self.rt.tokenizer
             )
         return self._broadcast(fields) or {}
 
@@ -329,14 +305,8 @@ class Rounds:
             "round %d: sampling %d self-edits for %d passages", r, gen.num_self_edits, len(self.passages)
         )
         with all_cpu_threads(self.world > 1):  # the other processes wait for the broadcast meanwhile
-            nested = generate_self_edits(
-                self.generator,
-                self.rt.tokenizer,
-                self.passages,
-                gen,
-                task_seed(self.seed, "gen", r),
-                self.adapter,
-            )
+            seed = task_seed(self.seed, "gen", r)
+            nested = self.domain.sample(self.policy(), self.rt.tokenizer, self.passages, seed)
         edits = [e for per_passage in nested for e in per_passage]
         write_jsonl(path, [e.to_dict() for e in edits])
         if self.world > 1:
@@ -363,7 +333,7 @@ class Rounds:
                 if journal.get("passage", r, p.id, rep) is None:
                     keys[name := f"passage-{p.id}-{rep}"] = ("passage", r, p.id, rep)
                     ttt_seed = task_seed(self.seed, "ttt-passage", r, p.id, rep)
-                    jobs.append(Job(name, passage_examples(p, args.generate), [p], ttt_seed))
+                    jobs.append(Job(name, self.domain.control_examples(p), [p], ttt_seed))
         for edit in edits:
             for rep in repeats:
                 key = ("eval", r, edit.passage_id, edit.index, rep)

@@ -3,7 +3,8 @@ from peft import LoraConfig, get_peft_model
 
 from seal.config import GenerateConfig
 from seal.data import load_passages
-from seal.generate import HFEngine, Sampling, generate_self_edits, make_self_edits
+from seal.domain import Knowledge, Policy
+from seal.generate import HFEngine, Sampling, SelfEdit
 
 
 def test_hf_generator_counts_determinism_and_greedy(tiny_model, tokenizer):
@@ -49,11 +50,11 @@ class FakeGenerator:
         return [list(self.completions[: sampling.n]) for _ in prompts]
 
 
-def test_generate_self_edits_statuses(tokenizer):
+def test_sample_self_edits_statuses(tokenizer):
     passages = load_passages("sample", "eval")[:2]
     fake = FakeGenerator(["1. A fact.\n2. Another fact.", "", "??"])
     cfg = GenerateConfig(num_self_edits=3, include_passage=False)
-    edits = generate_self_edits(fake, tokenizer, passages, cfg, seed=1, adapter="g")
+    edits = Knowledge(cfg).sample(Policy(fake, adapter="g"), tokenizer, passages, seed=1)
     assert len(fake.calls) == 1 and fake.calls[0][1].n == 3 and fake.calls[0][2] == "g"
     assert passages[0].context in fake.calls[0][0][0]
     assert [[e.status for e in per] for per in edits] == [["ok", "empty", "unparseable"]] * 2
@@ -62,8 +63,7 @@ def test_generate_self_edits_statuses(tokenizer):
 
 def test_self_edit_roundtrip():
     passage = load_passages("sample", "eval")[0]
-    (edit,) = make_self_edits(passage, ["- x is y"], GenerateConfig())
-    from seal.generate import SelfEdit
+    (edit,) = Knowledge(GenerateConfig()).parse(passage, ["- x is y"])
 
     assert SelfEdit.from_dict(edit.to_dict()) == edit
 

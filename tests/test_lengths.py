@@ -9,7 +9,7 @@ import seal.evaluate as evaluate_module
 from seal import loop as loop_module
 from seal.config import GenerateConfig
 from seal.data import DataValidationError, Passage
-from seal.generate.self_edits import check_prompt_lengths
+from seal.domain import Knowledge
 from tests.test_evaluate import eval_args
 from tests.test_loop import tiny_args
 
@@ -30,18 +30,18 @@ def data_file(tmp_path) -> str:
     return str(path)
 
 
-def test_check_prompt_lengths_names_record_tokens_and_limit(tokenizer):
+def test_check_prompts_names_record_tokens_and_limit(tokenizer):
     assert len(HUGE) >= 1_000_000
     gen = GenerateConfig(max_new_tokens=100)
     short = Passage("ok", "T", "Some text.", [])
-    check_prompt_lengths([short], tokenizer, gen, 2048)
+    Knowledge(gen).check_prompts([short], tokenizer, 2048)
     with pytest.raises(DataValidationError) as err:
-        check_prompt_lengths([short, Passage("huge", "Archive", HUGE, [])], tokenizer, gen, 2048)
+        Knowledge(gen).check_prompts([short, Passage("huge", "Archive", HUGE, [])], tokenizer, 2048)
     (problem,) = err.value.problems
     assert problem.startswith("record huge: field 'context': the self-edit prompt is ")
     assert "+ max_new_tokens 100" in problem and "> vllm_max_model_len=2048" in problem
     with pytest.raises(DataValidationError, match="record ok"):  # max_new_tokens counts too
-        check_prompt_lengths([short], tokenizer, GenerateConfig(max_new_tokens=2048), 2048)
+        Knowledge(GenerateConfig(max_new_tokens=2048)).check_prompts([short], tokenizer, 2048)
 
 
 def test_loop_refuses_an_overlong_passage_before_loading_a_model(tiny_model_path, tmp_path, monkeypatch):

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from seal.config import GenerateConfig, RewardConfig
-from seal.generate import Sampling, generate_self_edits
+from seal.domain import Knowledge, Policy
+from seal.generate import Sampling
 from seal.graders import make_grader
 from seal.reward import Rewarder
 
@@ -41,11 +42,11 @@ def test_vllm_samples_self_edits(engine, tokenizer):
 
     passages = load_passages("sample", "eval")[:2]
     cfg = GenerateConfig(num_self_edits=2, max_new_tokens=48)
-    edits = generate_self_edits(engine, tokenizer, passages, cfg, seed=5)
+    edits = Knowledge(cfg).sample(Policy(engine), tokenizer, passages, seed=5)
     assert [len(e) for e in edits] == [2, 2]
     completions = [e.completion for per in edits for e in per]
     assert all(c.strip() for c in completions) and len(set(completions)) == 4
-    again = generate_self_edits(engine, tokenizer, passages, cfg, seed=5)
+    again = Knowledge(cfg).sample(Policy(engine), tokenizer, passages, seed=5)
     assert [e.completion for per in again for e in per] == completions  # seeded
 
 

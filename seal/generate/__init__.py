@@ -4,7 +4,7 @@ import logging
 
 from seal.generate.base import Engine, Sampling
 from seal.generate.hf import HFEngine
-from seal.generate.self_edits import SelfEdit, generate_self_edits, make_self_edits
+from seal.generate.self_edits import SelfEdit
 from seal.generate.vllm_backend import vllm_available
 
 __all__ = [
@@ -12,8 +12,6 @@ __all__ = [
     "HFEngine",
     "Sampling",
     "SelfEdit",
-    "generate_self_edits",
-    "make_self_edits",
     "select_backend",
 ]
 
