@@ -53,6 +53,20 @@ def test_squad_experiment_recipe_is_seals_setting():
     assert len(args.heldout.heldout_datasets) == 2 and args.heldout.heldout_num_self_edits >= 3
 
 
+def test_label_free_squad_recipe_differs_from_the_gold_one_only_in_its_labels():
+    gold = parse_args(["--config", str(RECIPES / "smollm2-135m-squad-cpu.yaml")]).to_dict()
+    free = parse_args(["--config", str(RECIPES / "smollm2-135m-squad-labelfree-cpu.yaml")]).to_dict()
+    changed = {
+        f"{section}.{k}"
+        for section, values in free.items()
+        for k, v in values.items()
+        if gold[section][k] != v
+    }
+    labels = {"data.dataset_labels", "data.document_text_field", "data.document_max_tokens"}
+    assert {c for c in changed if not c.startswith("label.")} == labels | {"sft.output_dir"}
+    assert free["data"]["dataset_labels"] == "pseudo" and gold["data"]["dataset_labels"] == "gold"
+
+
 def test_documents_recipe_is_label_free_on_the_packaged_documents():
     args = parse_args(["--config", str(RECIPES / "smollm2-135m-documents-cpu.yaml")])
     assert args.data.dataset_labels == "pseudo" and args.label.label_threshold > 0
