@@ -20,6 +20,7 @@ from seal.label_review import main as review_labels_main
 from seal.loop import run
 from seal.models import DEFAULT_MODEL
 from seal.review import main as review_main
+from seal.run_dir import SUMMARY_JSON
 
 Bundle = TypeVar("Bundle", SealArgs, EvalArgs, LabelArgs)
 
@@ -65,7 +66,7 @@ def label(argv: list[str] | None = None) -> None:
     """Pseudo-label raw documents: `seal label --dataset_name docs/ --label_output_dir out/ [--field v]`."""
     args = parse_label_args(argv)
     label_documents(args)
-    print(Path(args.label.label_output_dir, "summary.json").read_text(), flush=True)
+    print(Path(args.label.label_output_dir, SUMMARY_JSON).read_text(), flush=True)
 
 
 def push(argv: list[str] | None = None) -> None:

@@ -32,6 +32,7 @@ from seal.inner_loop import Job
 from seal.journal import Journal
 from seal.models import load_model, load_tokenizer, resolve_model_path
 from seal.report import bar_chart, markdown_results, markdown_timing
+from seal.run_dir import CONFIG, JOURNAL
 from seal.runtime import Runtime
 from seal.sequences import check_overlong, check_passages_fit
 from seal.stats import bootstrap_ci, paired_difference
@@ -310,7 +311,7 @@ def open_run(out: Path, args: EvalArgs, argv: Sequence[str] | None) -> Journal:
     out.mkdir(parents=True, exist_ok=True)
     snapshot = args.to_dict()
     snapshot["eval"].pop("eval_resume", None)
-    config_path, journal_path = out / "config.yaml", out / "journal.jsonl"
+    config_path, journal_path = out / CONFIG, out / JOURNAL
     if config_path.exists():
         if not args.eval.eval_resume:
             logger.info("eval_resume=false: discarding the previous evaluation in %s", out)

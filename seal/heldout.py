@@ -27,13 +27,12 @@ from seal.inner_loop import InnerLoop, Job
 from seal.journal import Journal
 from seal.paths import safe_name
 from seal.reward import PassageScore, Rewarder
+from seal.run_dir import RunDir
 from seal.stats import bootstrap_ci, paired_difference
 from seal.templates import TrainExample
 from seal.utils import read_jsonl, task_seed, write_json, write_jsonl
 
 logger = logging.getLogger("seal")
-
-DIR = "heldout"  # <run>/heldout/: generations per set and point, results.{json,md}
 
 
 def load_heldout(cfg: HeldOutConfig, train: Sequence[Passage]) -> dict[str, list[Passage]]:
@@ -98,7 +97,7 @@ class HeldOut:
     ):
         self.sets, self.cfg, self.journal, self.seed = sets, cfg, journal, seed
         self.domain, self.n = domain, cfg.heldout_num_self_edits
-        self.dir = Path(run_dir) / DIR
+        self.dir = RunDir(run_dir).heldout  # generations per set and point, results.{json,md}
         self.ttt_model = ttt_model
         self.labels = labels(list(sets))
 

@@ -36,7 +36,8 @@ from peft import PeftConfig
 from seal.config import HubConfig, SealArgs, is_secret
 from seal.models import DEFAULT_MODEL, EMBEDDED_PREFIX
 from seal.report import markdown_rows
-from seal.update import Update, finished_update
+from seal.run_dir import RoundDir, RunDir, round_number
+from seal.update import GENERATOR, Update, finished_update
 from seal.utils import read_jsonl
 
 logger = logging.getLogger("seal.hub")
@@ -90,7 +91,7 @@ class Run:
 
     @property
     def generator(self) -> Path:
-        return self.path / f"round_{self.update_round}" / "update" / "generator"
+        return RunDir(self.path).round(self.update_round).update / GENERATOR
 
     def section(self, name: str) -> dict[str, Any]:
         return self.config.get(name) or {}
@@ -192,7 +193,7 @@ def check_hub_args(args: SealArgs, pushing: bool) -> None:
 def read_run(run_dir: str | os.PathLike) -> Run:
     """Read a finished run directory; errors name the missing file."""
     path = Path(run_dir)
-    config_path, summary_path = path / "config.yaml", path / "summary.json"
+    config_path, summary_path = RunDir(path).config, RunDir(path).summary_json
     for required in (config_path, summary_path):
         if not required.is_file():
             raise FileNotFoundError(
@@ -203,8 +204,8 @@ def read_run(run_dir: str | os.PathLike) -> Run:
     config = {s: {k: v for k, v in (vals or {}).items() if not is_secret(k)} for s, vals in config.items()}
     summaries = json.loads(summary_path.read_text())
     finished = sorted(int(s["round"]) for s in summaries)  # a round of a later, unfinished rerun is left out
-    rounds = [path / f"round_{r}" for r in finished]
-    updates = [(r, finished_update(path / f"round_{r}" / "update")) for r in finished]
+    rounds = [RunDir(path).round(r).path for r in finished]
+    updates = [(r, finished_update(RunDir(path).round(r).update)) for r in finished]
     updates = [(r, u) for r, u in updates if u is not None]
     if not updates:
         raise FileNotFoundError(
@@ -338,11 +339,11 @@ def self_edit_rows(run: Run) -> list[dict[str, Any]]:
     trained on, which a review may have changed from the filter's `kept`) columns, all with the same keys."""
     rows = []
     for round_dir in run.rounds:
-        path = round_dir / "self_edits.jsonl"
+        path = RoundDir(round_dir).self_edits
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: round {round_dir.name} did not finish")
-        r = int(round_dir.name.split("_")[1])
-        kept_path, trained = round_dir / "kept.jsonl", None
+        r = round_number(round_dir)
+        kept_path, trained = RoundDir(round_dir).kept, None
         if kept_path.is_file():
             trained = {(k["passage_id"], k["index"]) for k in read_jsonl(kept_path)}
         for row in read_jsonl(path):

@@ -37,6 +37,7 @@ from seal.generate.server import ServerEngine
 from seal.graders import normalize_answer, token_f1
 from seal.journal import Journal
 from seal.models import load_model, load_tokenizer, resolve_model_path
+from seal.run_dir import JOURNAL, LABELS, SUMMARY_JSON
 from seal.templates import render_chat
 from seal.utils import setup_logging, task_seed, write_json, write_jsonl
 
@@ -368,7 +369,7 @@ def label_documents(args: LabelArgs, chunk: int = 64) -> list[LabelledPassage]:
     )  # fmt: skip
     logger.info("%d passages from %s", len(passages), data.dataset_name)
     labeller = build_labeller(cfg, args.model, args.generate, args.vllm, args.generate.generator_backend)
-    journal = Journal(out / "journal.jsonl")
+    journal = Journal(out / JOURNAL)
     labelled: list[LabelledPassage] = []
     try:
         for start in range(0, len(passages), chunk):
@@ -380,9 +381,9 @@ def label_documents(args: LabelArgs, chunk: int = 64) -> list[LabelledPassage]:
             labelled.extend(LabelledPassage.from_record(r) for r in journal.get(*key)["records"])
     finally:
         labeller.engine.close()
-    write_jsonl(out / "labels.jsonl", [lp.to_record() for lp in labelled])
+    write_jsonl(out / LABELS, [lp.to_record() for lp in labelled])
     write_jsonl(out / "dataset.jsonl", [lp.to_record() for lp in labelled if lp.kept])
     summary = label_summary(labelled)
-    write_json(out / "summary.json", {"passages": len(labelled), **summary})
+    write_json(out / SUMMARY_JSON, {"passages": len(labelled), **summary})
     logger.info("pseudo-labels: %s", summary)
     return labelled

@@ -26,11 +26,11 @@ from seal.config import ReviewConfig
 from seal.label import LabelledPassage
 from seal.review import LABEL_FORMAT as FORMAT
 from seal.review import PAGES, ReviewError, load_decisions_json, number_cell, page_assets
+from seal.run_dir import LABELS
 from seal.utils import read_json, read_jsonl, write_json, write_jsonl
 
 logger = logging.getLogger("seal")
 
-LABELS = "labels.jsonl"
 PAGE = "labels_review.html"
 REVIEWED = "labels_review.json"
 REVIEWED_DATA = "reviewed.jsonl"

@@ -45,6 +45,7 @@ from seal.models import load_model, load_tokenizer, resolve_model_path
 from seal.report import markdown_rows
 from seal.review import review_round
 from seal.reward import PassageScore, reward
+from seal.run_dir import JOURNAL, RunDir
 from seal.runtime import Runtime
 from seal.sequences import check_overlong, check_passages_fit
 from seal.tracking import RoundTracker
@@ -69,11 +70,12 @@ def setup_run_dir(args: SealArgs, main_process: bool = True) -> Path:
     config.yaml is always a whole recipe, the old one or the new one, even after a crash mid-write.
     """
     run_dir = Path(args.sft.output_dir)
+    layout = RunDir(run_dir)
     snapshot = args.to_dict()
     for volatile in ("resume",):
         snapshot["loop"].pop(volatile, None)
     snapshot.get("review", {}).pop("review_decisions", None)  # one round's file, not part of the recipe
-    config_path = run_dir / "config.yaml"
+    config_path = layout.config
     if config_path.exists():
         if args.loop.resume:
             previous = yaml.safe_load(config_path.read_text())
@@ -92,7 +94,8 @@ def setup_run_dir(args: SealArgs, main_process: bool = True) -> Path:
                 )
         elif main_process:
             logger.info("resume=false: discarding the previous run in %s", run_dir)
-            for stale in [*run_dir.glob("journal*.jsonl"), *run_dir.glob("round_*")]:
+            journals = run_dir.glob(f"{Path(JOURNAL).stem}*.jsonl")  # + the per-process ones
+            for stale in [*journals, *(rd.path for rd in layout.rounds())]:
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,8 +166,8 @@ def run(
     if len(summaries) < args.loop.num_rounds:  # stopped for a review
         return summaries
     table = markdown_rows(summaries)
-    (run_dir / "summary.md").write_text(table + "\n")
-    write_json(run_dir / "summary.json", summaries)
+    write_json(RunDir(run_dir).summary_json, summaries)
+    RunDir(run_dir).summary_md.write_text(table + "\n")
     print(table, flush=True)
     if args.sft.push_to_hub:
         push(args)
@@ -219,19 +222,19 @@ class Rounds:
         tracker: RoundTracker | None,
         on_evaluation: Callable[[dict[str, Any]], None] | None,
     ):
-        self.args, self.domain, self.rt, self.passages, self.run_dir = args, domain, rt, passages, run_dir
+        self.args, self.domain, self.rt, self.passages, self.run = args, domain, rt, passages, RunDir(run_dir)
         self.documents = passages  # relabelling domains: what each round labels anew
         self.rank, self.world, self.main = state.process_index, state.num_processes, state.is_main_process
         self.on_evaluation = on_evaluation or (lambda record: None)
         self.by_id = {p.id: p for p in passages}
         self.seed = args.sft.seed
-        self.journal = Journal(run_dir / "journal.jsonl", rank=self.rank if self.world > 1 else None)
+        self.journal = Journal(self.run.journal, rank=self.rank if self.world > 1 else None)
         self.heldout_sets = heldout_sets
         self.heldout = HeldOut(
             heldout_sets, args.heldout, domain, self.journal, run_dir, self.seed, args.ttt.ttt_model
         )
         self.tracker = tracker
-        self.inner = rt.inner_loop(run_dir / "adapters")
+        self.inner = rt.inner_loop(self.run.adapters)
         self.generator, self.adapter = rt.engine, None  # round 0 samples from the base model itself
 
     def _broadcast(self, value: Any) -> Any:
@@ -260,14 +263,15 @@ class Rounds:
                 record = self.journal.append(key, records=records)
             self.journal.merge([self._broadcast(record)])
         records = self.journal.get(*key)["records"]
-        round_dir = self.run_dir / f"round_{r}"
-        if self.main and not (round_dir / "labels.jsonl").is_file():
-            write_jsonl(round_dir / "labels.jsonl", records)
+        round_dir = self.run.round(r)
+        if self.main and not round_dir.labels.is_file():
+            write_jsonl(round_dir.labels, records)
         if self.args.review.review:
-            records = self._broadcast(self.domain.review(round_dir, self.args.review) if self.main else None)
+            reviewed = self.domain.review(round_dir.path, self.args.review) if self.main else None
+            records = self._broadcast(reviewed)
             if records is None:
                 return None
-        self.passages, counts = self.domain.labelled(round_dir, records)
+        self.passages, counts = self.domain.labelled(round_dir.path, records)
         self.by_id = {p.id: p for p in self.passages}
         return counts
 
@@ -295,7 +299,7 @@ class Rounds:
 
     def generate(self, r: int) -> list[SelfEdit]:
         """k self-edits per passage, sampled by the main process and saved whole (a rerun reuses them)."""
-        path = self.run_dir / f"round_{r}" / "generations.jsonl"
+        path = self.run.round(r).generations
         if path.exists():
             return [SelfEdit.from_dict(d) for d in read_jsonl(path)]
         if not self.main:  # the main process samples; the others get its self-edits
@@ -363,7 +367,7 @@ class Rounds:
             self.on_evaluation(record)
 
         if jobs:
-            self.inner.adapter_dir = self.run_dir / f"round_{r}" / "adapters"
+            self.inner.adapter_dir = self.run.round(r).adapters
             self.inner.run(jobs, finished, self.rank, self.world)
         if self.world > 1:  # every process gets every evaluation (each journaled its own in its own file)
             journal.merge(rec for records in gather_object([done_here]) for rec in records)
@@ -393,25 +397,25 @@ class Rounds:
     def filter(self, r: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
         """The kept rows (ReST-EM's E-step), or a person's accepted ones with review: None while the round
         waits for review decisions."""
-        round_dir = self.run_dir / f"round_{r}"
+        round_dir = self.run.round(r)
         kept = select(rows, self.args.filter)
         kept_ids = {(k["passage_id"], k["index"]) for k in kept}
         for row in rows:
             row["kept"] = (row["passage_id"], row["index"]) in kept_ids
         if self.main:
-            write_jsonl(round_dir / "self_edits.jsonl", rows)
+            write_jsonl(round_dir.self_edits, rows)
         if self.args.review.review:
-            kept = review_round(round_dir, rows, self.args.review, self.by_id) if self.main else None
+            kept = review_round(round_dir.path, rows, self.args.review, self.by_id) if self.main else None
             kept = self._broadcast(kept)
             if kept is None:
                 return None
         if self.main:
-            write_jsonl(round_dir / "kept.jsonl", kept)
+            write_jsonl(round_dir.kept, kept)
         return kept
 
     def update(self, r: int, kept: list[dict[str, Any]]) -> Update | None:
         """SFT of the generator on the kept (prompt, self-edit) pairs; a finished one is read back."""
-        out = self.run_dir / f"round_{r}" / "update"
+        out = self.run.round(r).update
         update = finished_update(out)
         if update is None and kept:
             self.rt.engine.sleep()  # free accelerator memory for training when vLLM shares the GPU
@@ -435,7 +439,7 @@ class Rounds:
             with PartialState().main_process_first():  # the main process merges (once); the others find it
                 path = merged_update(update, self.rt.base_path, args.model.dtype)
             self.rt.adopt(path)
-            self.inner = self.rt.inner_loop(self.run_dir / "adapters")
+            self.inner = self.rt.inner_loop(self.run.adapters)
             self.generator, self.adapter = self.rt.engine, None
         else:
             self.generator, self.adapter = load_generator(update, self.rt.engine, r, args, self.rt.tokenizer)
@@ -443,9 +447,9 @@ class Rounds:
     def report(self, r: int, summaries: list[dict[str, Any]]) -> None:
         """The round's summary files, trackers and rounds.png (main process)."""
         if self.main:
-            round_dir = self.run_dir / f"round_{r}"
-            write_json(round_dir / "summary.json", summaries[-1])
-            (round_dir / "summary.md").write_text(markdown_rows([summaries[-1]]) + "\n")
+            round_dir = self.run.round(r)
+            write_json(round_dir.summary_json, summaries[-1])
+            round_dir.summary_md.write_text(markdown_rows([summaries[-1]]) + "\n")
             self.tracker.update(summaries)
         logger.info("round %d done in %.1f min", r, summaries[-1]["minutes"])
 

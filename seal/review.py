@@ -30,6 +30,8 @@ import yaml
 
 from seal.config import ReviewConfig
 from seal.data import SAMPLE, load_passages
+from seal.run_dir import SELF_EDITS, RoundDir, RunDir, round_number
+from seal.update import finished_update
 from seal.utils import read_json, read_jsonl, write_json
 
 logger = logging.getLogger("seal")
@@ -159,15 +161,8 @@ def write_page(
 # ----------------------------------------------------------------------------------- reading decisions
 
 
-def round_number(round_dir: str | Path) -> int:
-    match = re.fullmatch(r"round_(\d+)", Path(round_dir).name)
-    if not match:
-        raise ValueError(f"{round_dir} is not a round directory (round_<r>)")
-    return int(match.group(1))
-
-
 def load_rows(round_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(round_dir) / "self_edits.jsonl"
+    path = RoundDir(Path(round_dir)).self_edits
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: the round has not reached its filter yet")
     return read_jsonl(path)
@@ -378,12 +373,9 @@ def review_round(
 
 
 def _latest_round(run_dir: Path) -> Path:
-    rounds = sorted(
-        (p for p in run_dir.glob("round_*") if (p / "self_edits.jsonl").is_file()),
-        key=round_number,
-    )
+    rounds = [rd.path for rd in RunDir(run_dir).rounds() if rd.self_edits.is_file()]
     if not rounds:
-        raise FileNotFoundError(f"{run_dir} has no round with self_edits.jsonl yet")
+        raise FileNotFoundError(f"{run_dir} has no round with {SELF_EDITS} yet")
     return rounds[-1]
 
 
@@ -433,14 +425,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def _review_command(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir)
-    round_dir = run_dir / f"round_{args.round}" if args.round is not None else _latest_round(run_dir)
+    round_dir = RunDir(run_dir).round(args.round).path if args.round is not None else _latest_round(run_dir)
     rows = load_rows(round_dir)
     r = round_number(round_dir)
     if args.decisions:
         record = import_decisions(round_dir, args.decisions, rows)
         counts = f"{record['accepted']} accepted, {record['rejected']} rejected"
         print(f"round {r}: {counts} -> {round_dir / REVIEWED}")
-        if (round_dir / "update" / "seal_update.json").is_file():
+        if finished_update(RoundDir(round_dir).update) is not None:
             print(f"note: round {r}'s update had already finished; these decisions did not change it")
         else:
             print("Rerun the recipe (with review: true): the update trains only on the accepted self-edits.")

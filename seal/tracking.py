@@ -26,6 +26,7 @@ from accelerate import PartialState
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from matplotlib.figure import Figure  # no pyplot: no global state
 
+from seal.run_dir import RunDir
 from seal.utils import write_json
 
 logger = logging.getLogger("seal")
@@ -42,8 +43,7 @@ METRICS = (
     "minutes",
 )
 PREFIX = "seal/"
-MARKER = "tracked.json"
-PLOT = "rounds.png"
+MARKER = "tracked.json"  # in round_<r>/: the round was reported (a resumed run does not log it twice)
 
 
 def tracker_names(report_to: str | Sequence[str] | None) -> list[str]:
@@ -89,6 +89,7 @@ class RoundTracker:
         run_name: str | None = None,
     ):
         self.run_dir = Path(run_dir)
+        self.layout = RunDir(run_dir)
         self.names = tracker_names(report_to)
         self.project = project or "huggingface"
         self.run_name = f"{run_name or self.run_dir.name}-loop"
@@ -128,11 +129,11 @@ class RoundTracker:
     def update(self, summaries: Sequence[dict[str, Any]]) -> None:
         """Log the rounds of `summaries` not logged before, and redraw the plot of all of them."""
         if summaries:
-            plot_rounds(summaries, self.run_dir / PLOT)
+            plot_rounds(summaries, self.layout.plot)
         if not self.names:
             return
         for summary in summaries:
-            marker = self.run_dir / f"round_{summary['round']}" / MARKER
+            marker = self.layout.round(summary["round"]).path / MARKER
             if marker.is_file():
                 continue
             if self.trackers is None:

@@ -23,7 +23,8 @@ from seal.utils import write_json
 
 logger = logging.getLogger(__name__)
 
-DONE = "seal_update.json"
+DONE = "seal_update.json"  # in update/: the update finished (its record)
+GENERATOR = "generator"  # in update/: the new generator (PEFT adapter or full weights)
 
 
 def sft_dataset(
@@ -137,7 +138,7 @@ def update_generator(
     )
     report_truncation(trainer, len(kept))
     result = trainer.train()  # under accelerate launch: TRL's distributed SFT (DDP / FSDP / DeepSpeed)
-    weights = out_dir / "generator"
+    weights = out_dir / GENERATOR
     kind = "adapter" if model_args.use_peft and not merge else "model"
     record = Update(kind, str(weights), result.training_loss, len(kept))
     accelerator = trainer.accelerator

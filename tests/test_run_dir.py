@@ -11,6 +11,7 @@ import yaml
 
 from seal.evaluate import open_run
 from seal.loop import setup_run_dir
+from seal.run_dir import RunDir, round_number
 from tests.test_evaluate import eval_args
 from tests.test_loop import tiny_args
 
@@ -82,3 +83,27 @@ def test_evaluate_checks_the_recipe_whenever_a_config_is_there(tmp_path):
     (out / "config.yaml").write_text("generate: [unclosed\n")  # unreadable: matches no recipe
     with pytest.raises(ValueError, match="different recipe"):
         open_run(out, eval_args("model", out, temperature=0.5), None)
+
+
+def test_layout_names_rounds_in_order_and_ignores_other_entries(tmp_path):
+    run = RunDir(str(tmp_path))
+    for name in ("round_10", "round_2", "round_x", "notes"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "round_3").write_text("a file, not a round")
+    assert [rd.index for rd in run.rounds()] == [2, 10]
+    assert run.round(2).self_edits == tmp_path / "round_2" / "self_edits.jsonl"
+    assert run.round(2).update == tmp_path / "round_2" / "update" and run.config == tmp_path / "config.yaml"
+    with pytest.raises(ValueError, match="not a round directory"):
+        round_number(tmp_path / "round_x")
+
+
+def test_resume_false_discards_every_round_and_journal_but_nothing_else(tiny_model_path, tmp_path):
+    args = tiny_args(tiny_model_path, tmp_path / "run")
+    run_dir = setup_run_dir(args)
+    for stale in ("journal.jsonl", "journal.rank1.jsonl", "round_0/self_edits.jsonl", "round_12/kept.jsonl"):
+        (run_dir / stale).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / stale).write_text("{}\n")
+    (run_dir / "notes.txt").write_text("mine")
+    args.loop.resume = False
+    setup_run_dir(args)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "notes.txt"]
