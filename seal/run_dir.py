@@ -31,10 +31,30 @@ _ROUND = re.compile(r"round_(\d+)")
 
 
 @dataclass(frozen=True)
-class RoundDir:
-    """`<run>/round_<r>/`: one round's files."""
+class _Dir:
+    """What a run and each of its rounds have: a summary and the TTT adapters in flight."""
 
     path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))  # a str is accepted
+
+    @property
+    def summary_json(self) -> Path:
+        return self.path / SUMMARY_JSON
+
+    @property
+    def summary_md(self) -> Path:
+        return self.path / SUMMARY_MD
+
+    @property
+    def adapters(self) -> Path:
+        return self.path / ADAPTERS
+
+
+@dataclass(frozen=True)
+class RoundDir(_Dir):
+    """`<run>/round_<r>/`: one round's files."""
 
     @property
     def index(self) -> int:
@@ -57,30 +77,13 @@ class RoundDir:
         return self.path / KEPT
 
     @property
-    def summary_json(self) -> Path:
-        return self.path / SUMMARY_JSON
-
-    @property
-    def summary_md(self) -> Path:
-        return self.path / SUMMARY_MD
-
-    @property
-    def adapters(self) -> Path:
-        return self.path / ADAPTERS
-
-    @property
     def update(self) -> Path:
         return self.path / UPDATE
 
 
 @dataclass(frozen=True)
-class RunDir:
+class RunDir(_Dir):
     """`<run>/`: the output_dir of one ReST-EM run."""
-
-    path: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))  # a str is accepted
 
     @property
     def config(self) -> Path:
@@ -91,24 +94,12 @@ class RunDir:
         return self.path / JOURNAL
 
     @property
-    def summary_json(self) -> Path:
-        return self.path / SUMMARY_JSON
-
-    @property
-    def summary_md(self) -> Path:
-        return self.path / SUMMARY_MD
-
-    @property
     def plot(self) -> Path:
         return self.path / PLOT
 
     @property
     def heldout(self) -> Path:
         return self.path / HELDOUT
-
-    @property
-    def adapters(self) -> Path:
-        return self.path / ADAPTERS
 
     def round(self, r: int) -> RoundDir:
         return RoundDir(self.path / f"round_{r}")
