@@ -43,8 +43,6 @@ from seal.utils import read_jsonl
 logger = logging.getLogger("seal.hub")
 
 PAPER = "https://arxiv.org/abs/2506.10943"
-# SFTConfig fields that only say where a run is shared: changing them does not block resuming the run.
-HUB_RESUMABLE = ("push_to_hub", "hub_model_id", "hub_private_repo")
 SAMPLE_DATA_LICENSE = "mit"  # the packaged sample passages are invented for this project (MIT)
 MODEL_FILES = (".safetensors", ".json", ".txt", ".model", ".jinja")  # full weights: no pickles, no cards
 

@@ -19,14 +19,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
@@ -38,19 +36,19 @@ from seal.filter import passages_without_kept, select
 from seal.generate import HFEngine, SelfEdit
 from seal.generate.engine import engine_backend, vllm_engine
 from seal.heldout import HeldOut, load_heldout
-from seal.hub import HUB_RESUMABLE, check_hub_args, push
+from seal.hub import check_hub_args, push
 from seal.inner_loop import Job
 from seal.journal import Journal
 from seal.models import load_model, load_tokenizer, resolve_model_path
 from seal.report import markdown_rows
 from seal.review import review_round
 from seal.reward import PassageScore, reward
-from seal.run_dir import JOURNAL, RunDir
+from seal.run_dir import RunDir, setup_run_dir
 from seal.runtime import Runtime
 from seal.sequences import check_overlong, check_passages_fit
 from seal.tracking import RoundTracker
 from seal.update import Update, finished_update, update_generator
-from seal.utils import atomic_write, read_jsonl, setup_logging, task_seed, write_json, write_jsonl
+from seal.utils import read_jsonl, setup_logging, task_seed, write_json, write_jsonl
 from seal.weights import merged_update
 
 logger = logging.getLogger("seal")
@@ -61,46 +59,6 @@ def check_args(args: SealArgs) -> None:
     may have changed a field after the args were made), and the Hub's when the run pushes."""
     args.check()
     check_hub_args(args, pushing=args.sft.push_to_hub)
-
-
-def setup_run_dir(args: SealArgs, main_process: bool = True) -> Path:
-    """Create the run directory, snapshot the recipe, and refuse to resume a run made with another recipe.
-
-    Every process checks (so all of them stop on a changed recipe); only the main process writes, atomically:
-    config.yaml is always a whole recipe, the old one or the new one, even after a crash mid-write.
-    """
-    run_dir = Path(args.sft.output_dir)
-    layout = RunDir(run_dir)
-    snapshot = args.to_dict()
-    for volatile in ("resume",):
-        snapshot["loop"].pop(volatile, None)
-    snapshot.get("review", {}).pop("review_decisions", None)  # one round's file, not part of the recipe
-    config_path = layout.config
-    if config_path.exists():
-        if args.loop.resume:
-            previous = yaml.safe_load(config_path.read_text())
-            changed = sorted(
-                f"{section}.{k}"
-                for section, values in snapshot.items()
-                for k, v in values.items()
-                if previous.get(section, {}).get(k, v) != v
-                and k not in ("logging_dir", "run_name", *HUB_RESUMABLE)
-                and section != "hub"  # where results are shared does not change them
-            )
-            if changed:
-                raise ValueError(
-                    f"{run_dir} holds a run made with a different recipe (changed: {', '.join(changed)}). "
-                    "Use another output_dir, or --resume false to start over."
-                )
-        elif main_process:
-            logger.info("resume=false: discarding the previous run in %s", run_dir)
-            journals = run_dir.glob(f"{Path(JOURNAL).stem}*.jsonl")  # + the per-process ones
-            for stale in [*journals, *(rd.path for rd in layout.rounds())]:
-                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    if main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(config_path, lambda f: yaml.safe_dump(snapshot, f, sort_keys=False))  # whole or old
-    return run_dir
 
 
 def run(

@@ -6,14 +6,24 @@ resumed run read it back (docs/run_directory.md shows the tree).
                     adapters/, update/
 
 Files a stage owns inside these (the review pages and decisions, the update's marker, the tracker's marker)
-are named by that stage's module. A leaf module: it imports nothing of seal's.
+are named by that stage's module. `setup_run_dir` creates a run directory and refuses to resume a run made
+with another recipe.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
+
+from seal.config import SealArgs
+from seal.utils import atomic_write
+
+logger = logging.getLogger("seal")
 
 CONFIG = "config.yaml"  # the recipe snapshot: a resumed run refuses a changed one
 JOURNAL = "journal.jsonl"  # finished work (seal.journal; per-rank files beside it)
@@ -27,6 +37,8 @@ SELF_EDITS = "self_edits.jsonl"
 KEPT = "kept.jsonl"
 UPDATE = "update"
 
+# Fields that only say where a run is shared or logged: changing them does not block resuming the run.
+RESUMABLE = ("logging_dir", "run_name", "push_to_hub", "hub_model_id", "hub_private_repo")
 _ROUND = re.compile(r"round_(\d+)")
 
 
@@ -116,3 +128,43 @@ def round_number(round_dir: str | Path) -> int:
     if not match:
         raise ValueError(f"{round_dir} is not a round directory (round_<r>)")
     return int(match.group(1))
+
+
+def setup_run_dir(args: SealArgs, main_process: bool = True) -> Path:
+    """Create the run directory, snapshot the recipe, and refuse to resume a run made with another recipe.
+
+    Every process checks (so all of them stop on a changed recipe); only the main process writes, atomically:
+    config.yaml is always a whole recipe, the old one or the new one, even after a crash mid-write.
+    """
+    run_dir = Path(args.sft.output_dir)
+    layout = RunDir(run_dir)
+    snapshot = args.to_dict()
+    for volatile in ("resume",):
+        snapshot["loop"].pop(volatile, None)
+    snapshot.get("review", {}).pop("review_decisions", None)  # one round's file, not part of the recipe
+    config_path = layout.config
+    if config_path.exists():
+        if args.loop.resume:
+            previous = yaml.safe_load(config_path.read_text())
+            changed = sorted(
+                f"{section}.{k}"
+                for section, values in snapshot.items()
+                for k, v in values.items()
+                if previous.get(section, {}).get(k, v) != v
+                and k not in RESUMABLE
+                and section != "hub"  # where results are shared does not change them
+            )
+            if changed:
+                raise ValueError(
+                    f"{run_dir} holds a run made with a different recipe (changed: {', '.join(changed)}). "
+                    "Use another output_dir, or --resume false to start over."
+                )
+        elif main_process:
+            logger.info("resume=false: discarding the previous run in %s", run_dir)
+            journals = run_dir.glob(f"{Path(JOURNAL).stem}*.jsonl")  # + the per-process ones
+            for stale in [*journals, *(rd.path for rd in layout.rounds())]:
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(config_path, lambda f: yaml.safe_dump(snapshot, f, sort_keys=False))  # whole or old
+    return run_dir

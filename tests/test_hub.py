@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM
 
 from seal.cli import main
 from seal.hub import push, read_run
-from seal.loop import check_args, run, setup_run_dir
+from seal.loop import check_args, run
+from seal.run_dir import setup_run_dir
 from seal.update import DONE
 from seal.utils import write_json, write_jsonl
 from tests.conftest import build_tiny_model

@@ -10,8 +10,7 @@ import pytest
 import yaml
 
 from seal.evaluate import open_run
-from seal.loop import setup_run_dir
-from seal.run_dir import RunDir, round_number
+from seal.run_dir import RunDir, round_number, setup_run_dir
 from tests.test_evaluate import eval_args
 from tests.test_loop import tiny_args
 
