@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from seal.cli import main, parse_args
+from seal.cli import main, parse_args, parse_eval_args
 from seal.documents import load_documents
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "knowledge"
@@ -65,6 +65,23 @@ def test_label_free_squad_recipe_differs_from_the_gold_one_only_in_its_labels():
     labels = {"data.dataset_labels", "data.document_text_field", "data.document_max_tokens"}
     assert {c for c in changed if not c.startswith("label.")} == labels | {"sft.output_dir"}
     assert free["data"]["dataset_labels"] == "pseudo" and gold["data"]["dataset_labels"] == "gold"
+
+
+def test_teacher_eval_recipe_samples_trains_and_grades_as_the_rl_recipe():
+    rl = parse_args(["--config", str(RECIPES / "smollm2-135m-squad-cpu.yaml")]).to_dict()
+    teacher = parse_eval_args(
+        ["--config", str(RECIPES.parent / "eval" / "squad-rl-teacher-smollm2-cpu.yaml")]
+    )
+    differ = {
+        f"{section}.{k}"
+        for section, values in teacher.to_dict().items()
+        if section in ("generate", "ttt", "reward", "vllm")
+        for k, v in values.items()
+        if rl[section][k] != v
+    }
+    assert differ == {"ttt.ttt_model"} and teacher.ttt.ttt_model == "base"
+    assert teacher.eval.eval_dataset == rl["heldout"]["heldout_datasets"][0]
+    assert teacher.eval.eval_generator.startswith(rl["sft"]["output_dir"])
 
 
 def test_documents_recipe_is_label_free_on_the_packaged_documents():
