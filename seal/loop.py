@@ -1,6 +1,7 @@
-"""The SEAL loop for knowledge incorporation: generate -> apply (TTT) -> reward -> filter -> update.
+"""The SEAL loop: generate -> apply (TTT) -> reward -> filter -> update.
 
-One round:
+What a self-edit is and where a round's passages come from is the recipe's domain (seal.domain: gold
+question-answer passages, or documents pseudo-labelled every round). One round:
   1. generate: the generator samples `num_self_edits` self-edits per passage.
   2. apply:    each self-edit trains a fresh LoRA on the round's model θ_r (test-time training): the
                generator itself (SEAL), or the untouched base with `ttt_model: base`.
