@@ -100,6 +100,7 @@ class HeldOut:
         self.dir = RunDir(run_dir).heldout  # generations per set and point, results.{json,md}
         self.ttt_model = ttt_model
         self.labels = labels(list(sets))
+        self.results: dict[str, Any] | None = None  # the last point's results.json, once evaluated
 
     def evaluate(
         self, point: int, inner: InnerLoop, rewarder: Rewarder, policy: Policy, tokenizer
@@ -239,10 +240,13 @@ class HeldOut:
         """Write <run>/heldout/results.{json,md}; return the point's fields for the round summary."""
         tables = {name: self.table(name, point) for name in self.sets}
         described = {name: self.described(name, point) for name in self.sets}
-        write_json(
-            self.dir / "results.json",
-            {"point": point, "ttt_model": self.ttt_model, "tables": tables, "self_edits": described},
-        )
+        self.results = {
+            "point": point,
+            "ttt_model": self.ttt_model,
+            "tables": tables,
+            "self_edits": described,
+        }
+        write_json(self.dir / "results.json", self.results)
         sections = []
         for name, rows in tables.items():
             questions = sum(len(p.questions) for p in self.sets[name])

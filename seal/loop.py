@@ -409,7 +409,7 @@ class Rounds:
             round_dir = self.run.round(r)
             write_json(round_dir.summary_json, summaries[-1])
             round_dir.summary_md.write_text(markdown_rows([summaries[-1]]) + "\n")
-            self.tracker.update(summaries)
+            self.tracker.update(summaries, self.heldout.results)
         logger.info("round %d done in %.1f min", r, summaries[-1]["minutes"])
 
 

@@ -126,10 +126,11 @@ class RoundTracker:
             trackers.append(tracker)
         return trackers
 
-    def update(self, summaries: Sequence[dict[str, Any]]) -> None:
-        """Log the rounds of `summaries` not logged before, and redraw the plot of all of them."""
+    def update(self, summaries: Sequence[dict[str, Any]], heldout: dict[str, Any] | None = None) -> None:
+        """Log the rounds of `summaries` not logged before, and redraw the plot of all of them (with the
+        held-out tables, `heldout`, when the run has held-out sets)."""
         if summaries:
-            plot_rounds(summaries, self.layout.plot)
+            plot_rounds(summaries, self.layout.plot, heldout)
         if not self.names:
             return
         for summary in summaries:
@@ -150,17 +151,22 @@ class RoundTracker:
         self.trackers = None
 
 
-def plot_rounds(summaries: Sequence[dict[str, Any]], path: str | Path) -> Path:
+def plot_rounds(
+    summaries: Sequence[dict[str, Any]], path: str | Path, heldout: dict[str, Any] | None = None
+) -> Path:
     """Accuracy (mean adapted, best-of-k, base) and mean reward per round, side by side, as a PNG; with a
-    held-out evaluation, a third panel: held-out accuracy of each generator's self-edits (x = the generator
-    version: 0 the base, r + 1 after round r)."""
+    held-out evaluation, its accuracy for each generator's self-edits (x = the generator version: 0 the base,
+    r + 1 after round r): one panel per set with 95% CIs and passage-only TTT when `heldout` (the contents of
+    heldout/results.json) is given, else one panel from the round summaries."""
 
     rounds = [s["round"] for s in summaries]
-    heldout = sorted(
+    names = sorted(
         {k[: -len("_acc")] for s in summaries for k in s if k.startswith("heldout_") and k.endswith("_acc")}
     )
-    fig = Figure(figsize=(12.0 if heldout else 8.0, 3.4), layout="constrained")
-    acc, rew, *held = fig.subplots(1, 3 if heldout else 2)
+    tables = (heldout or {}).get("tables", {})
+    panels = len(tables) if tables else min(len(names), 1)
+    fig = Figure(figsize=(4.0 * (2 + panels), 3.4), layout="constrained")
+    acc, rew, *held = fig.subplots(1, 2 + panels)
     for key, label, style in (
         ("best_of_k_acc", "best-of-k", "s--"),
         ("mean_adapted_acc", "mean adapted", "o-"),
@@ -173,13 +179,19 @@ def plot_rounds(summaries: Sequence[dict[str, Any]], path: str | Path) -> Path:
     rew.plot(rounds, [s.get("mean_reward") for s in summaries], "^-", color="tab:red", label="mean reward")
     rew.axhline(0.0, color="black", linewidth=0.6)
     rew.set_title("mean reward of the self-edits")
-    for ax in held:
-        for name in heldout:
+    if tables:
+        for ax, (name, rows) in zip(held, tables.items(), strict=True):
+            heldout_panel(ax, rows)
+            ax.set_title(f"held-out: {Path(name).stem if name.endswith(('.json', '.jsonl')) else name}")
+    elif held:
+        (ax,) = held
+        for name in names:
             first = summaries[0].get(f"{name}_acc_before")
             points = [(0, first)] if first is not None else []
             points += [(s["round"] + 1, s[f"{name}_acc"]) for s in summaries if f"{name}_acc" in s]
             ax.plot(*zip(*points, strict=True), "o-", label=name.removeprefix("heldout_"))
         ax.set_title("held-out: generator's self-edits")
+    for ax in held:
         ax.set_xlabel("generator (0 = base, r+1 = after round r)")
         ax.set_ylim(bottom=0.0)
         ax.legend(fontsize=8, loc="best")
@@ -194,3 +206,20 @@ def plot_rounds(summaries: Sequence[dict[str, Any]], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, format="png")
     return path
+
+
+def heldout_panel(ax: Any, rows: Sequence[dict[str, Any]]) -> None:
+    """One held-out set's table: each generator's self-edits with their 95% CI, passage-only TTT as a band."""
+    by_key = {row["key"]: row["accuracy"] for row in rows if row.get("accuracy")}
+    points = sorted(int(k.split("_")[1]) for k in by_key if k.startswith("generator_"))
+    if points:
+        means = [by_key[f"generator_{q}"]["mean"] for q in points]
+        low = [m - by_key[f"generator_{q}"]["low"] for q, m in zip(points, means, strict=True)]
+        high = [by_key[f"generator_{q}"]["high"] - m for q, m in zip(points, means, strict=True)]
+        ax.errorbar(points, means, yerr=[low, high], fmt="o-", capsize=3, label="passage + self-edits")
+        ax.set_xticks(points)
+    for key, label, color in (("passage", "passage only", "tab:green"), ("base", "no training", "tab:gray")):
+        if key in by_key:
+            ci = by_key[key]
+            ax.axhline(ci["mean"], color=color, linestyle="--", linewidth=1.0, label=label)
+            ax.axhspan(ci["low"], ci["high"], color=color, alpha=0.12)

@@ -78,6 +78,18 @@ def test_none_logs_nothing_but_plots(tmp_path):
     assert (tmp_path / "three.png").read_bytes().startswith(PNG)
 
 
+def test_heldout_tables_get_a_panel_each_with_cis(tmp_path):
+    def row(key, mean):
+        return {"key": key, "accuracy": {"mean": mean, "low": mean - 0.02, "high": mean + 0.02, "n": 5}}
+
+    rows = [row("base", 0.02), row("passage", 0.1), row("generator_0", 0.07), row("generator_1", 0.09)]
+    heldout = {"tables": {"a.json": rows, "sample": rows[:3]}}
+    two = plot_rounds([summary(0, 0.1)], tmp_path / "two.png", heldout)
+    one = plot_rounds([summary(0, 0.1)], tmp_path / "one.png", {"tables": {"sample": rows}})
+    width = lambda path: int.from_bytes(path.read_bytes()[16:20], "big")  # noqa: E731 (PNG IHDR)
+    assert width(two) - width(one) == width(one) // 3  # 2 + 2 panels vs 2 + 1, 4 inches each
+
+
 def track_two_rounds_in_subprocess(tmp_path: Path, tracker: str, env: dict[str, str], then: str = "") -> str:
     """Log two rounds to `tracker` in a fresh interpreter (trackers fix their directories on import), run
     the code `then` after closing it, and return its stdout."""
