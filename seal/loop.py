@@ -125,8 +125,8 @@ def run(
     if len(summaries) < args.loop.num_rounds:  # stopped for a review
         return summaries
     table = markdown_rows(summaries)
-    write_json(RunDir(run_dir).summary_json, summaries)
-    RunDir(run_dir).summary_md.write_text(table + "\n")
+    write_json(rounds.run.summary_json, summaries)
+    rounds.run.summary_md.write_text(table + "\n")
     print(table, flush=True)
     if args.sft.push_to_hub:
         push(args)
@@ -139,9 +139,8 @@ def load_data(args: SealArgs, state: PartialState, domain: Domain) -> list[Passa
 
     def tokenizer() -> Any:
         with state.main_process_first():  # the embedded model is converted (once) by the main process
-            return load_tokenizer(
-                resolve_model_path(args.model.model_name_or_path, args.loop.model_cache_dir)
-            )
+            path = resolve_model_path(args.model.model_name_or_path, args.loop.model_cache_dir)
+            return load_tokenizer(path, revision=args.model.model_revision)
 
     return domain.load(args.data, tokenizer)
 
