@@ -8,7 +8,10 @@ recipe's TTT settings, on the recipe's base model) and scores each adapted model
 the within-self-edit SD (seed noise), the between-self-edit SD of the means, their ratio as the share of
 reward variance that is the self-edit's own (an intra-class correlation), and how often the self-edit that
 one seed ranks first per passage is the one the other seeds rank first (what ReST-EM's top-1 filter relies
-on). Every TTT is journaled in --out, so a rerun resumes. Writes results.json and results.md.
+on; chance is one over the self-edits per passage), and what that top-1 pick is worth: its accuracy under the
+other seeds above the passage's mean self-edit, beside the same for the self-edit the other seeds rank first
+(an oracle free of this seed's noise). Every TTT is journaled in --out, so a rerun resumes. Writes
+results.json and results.md.
 """
 
 from __future__ import annotations
@@ -52,10 +55,36 @@ def top1_agreement(acc: dict[str, dict[int, list[float]]]) -> float | None:
     for per_edit in acc.values():
         if len(per_edit) < 2 or min(len(v) for v in per_edit.values()) < 2:
             continue
-        first = min(per_edit, key=lambda i: (-per_edit[i][0], i))
-        rest = min(per_edit, key=lambda i: (-fmean(per_edit[i][1:]), i))
+        edits = sorted(per_edit)
+        first = edits[_first_best([per_edit[i][0] for i in edits])]
+        rest = edits[_first_best([fmean(per_edit[i][1:]) for i in edits])]
         hits, n = hits + (first == rest), n + 1
     return hits / n if n else None
+
+
+def _first_best(scores: list[float]) -> int:
+    """The filter's pick: the highest score, ties broken by the lower index."""
+    return min(range(len(scores)), key=lambda i: (-scores[i], i))
+
+
+def selection_gain(acc: dict[str, dict[int, list[float]]]) -> dict[str, float] | None:
+    """For every passage and seed s: the self-edit seed s ranks first, scored by the mean of the other seeds,
+    minus the passage's mean self-edit under those seeds (`pick_gain`); `oracle_gain` is the same for the
+    self-edit the other seeds themselves rank first. None when no passage has 2 self-edits and 2 seeds."""
+    picks, oracles = [], []
+    for per_edit in acc.values():
+        edits = sorted(per_edit)
+        repeats = min(len(v) for v in per_edit.values())
+        if len(edits) < 2 or repeats < 2:
+            continue
+        for s in range(repeats):
+            others = [fmean(per_edit[i][t] for t in range(repeats) if t != s) for i in edits]
+            pick = _first_best([per_edit[i][s] for i in edits])
+            picks.append(others[pick] - fmean(others))
+            oracles.append(max(others) - fmean(others))
+    if not picks:
+        return None
+    return {"pick_gain": fmean(picks), "oracle_gain": fmean(oracles)}
 
 
 def main() -> None:
@@ -111,6 +140,8 @@ def main() -> None:
         "repeats": cli.repeats,
         **variance_components(acc),
         "top1_agreement": top1_agreement(acc),
+        "top1_chance": fmean(1 / len(per) for per in acc.values()),
+        **(selection_gain(acc) or {}),
         "generations": cli.generations,
         "accuracies": {pid: dict(per) for pid, per in acc.items()},
     }
@@ -122,11 +153,17 @@ def main() -> None:
             f"({cli.generations})",
             "",
             "| within-self-edit SD (seeds) | between-self-edit SD | self-edit share of variance | "
-            "top-1 agreement |",
-            "|---:|---:|---:|---:|",
+            "top-1 agreement (chance) | top-1 pick vs mean self-edit, other seeds | oracle pick |",
+            "|---:|---:|---:|---:|---:|---:|",
             f"| {100 * results['within_sd']:.1f} pts | {100 * results['between_sd']:.1f} pts "
-            f"| {100 * results['self_edit_share']:.0f}% | "
-            + (f"{100 * agreement:.0f}% |" if agreement is not None else "– |"),
+            f"| {100 * results['self_edit_share']:.0f}% "
+            + (f"| {100 * agreement:.0f}% " if agreement is not None else "| – ")
+            + f"({100 * results['top1_chance']:.0f}%) "
+            + (
+                f"| +{100 * results['pick_gain']:.1f} pts | +{100 * results['oracle_gain']:.1f} pts |"
+                if "pick_gain" in results
+                else "| – | – |"
+            ),
         ]
     )
     (out / "results.md").write_text(table + "\n")

@@ -37,3 +37,14 @@ def test_top1_agreement_compares_seed_0_with_the_other_seeds(noise):
     }
     assert noise.top1_agreement(acc) == 0.5
     assert noise.top1_agreement({"a": {0: [0.5], 1: [0.0]}}) is None  # one seed: nothing to compare
+
+
+def test_selection_gain_scores_one_seeds_pick_with_the_others(noise):
+    # seed 0 picks self-edit 0 (a tie, broken low), which seeds 1-2 score 0.0 against their mean of 0.25;
+    # seeds 1 and 2 pick self-edit 1, which the other two seeds score 0.5 against a mean of 0.375
+    acc = {"a": {0: [0.5, 0.0, 0.0], 1: [0.5, 0.5, 0.5]}}
+    gain = noise.selection_gain(acc)
+    picks = [0.0 - 0.25, 0.5 - 0.375, 0.5 - 0.375]
+    assert gain["pick_gain"] == pytest.approx(sum(picks) / 3)
+    assert gain["oracle_gain"] == pytest.approx((0.25 + 0.125 + 0.125) / 3)
+    assert noise.selection_gain({"a": {0: [0.5, 0.5]}}) is None  # one self-edit: no choice to make
