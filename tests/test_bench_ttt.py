@@ -1,8 +1,6 @@
 """scripts/bench_ttt.py pairs seal's adapters with the reference's: same data order as its SFTTrainer."""
 
-import importlib.util
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,16 +10,11 @@ from peft import LoraConfig, get_peft_model
 from trl import SFTConfig, SFTTrainer
 
 from seal.generate import SelfEdit
-from tests.conftest import build_tiny_model
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_ttt.py"
+from tests.conftest import build_tiny_model, load_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_ttt", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_ttt")
 
 
 def test_trainer_schedule_is_the_order_sft_trainer_feeds(tokenizer, tmp_path):

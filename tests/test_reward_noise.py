@@ -1,19 +1,13 @@
 """scripts/reward_noise.py: the variance split and the top-1 agreement it reports."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "reward_noise.py"
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def noise():
-    spec = importlib.util.spec_from_file_location("reward_noise", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("reward_noise")
 
 
 def test_pure_seed_noise_has_no_self_edit_share(noise):

@@ -1,6 +1,5 @@
 """scripts/update_budget.py: a round's update redone from its kept.jsonl with overridden SFT settings."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -8,18 +7,15 @@ from pathlib import Path
 import pytest
 
 from seal.utils import write_jsonl
+from tests.conftest import load_script
 from tests.test_update import KEPT
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "update_budget.py"
 
 
 @pytest.fixture(scope="module")
 def budget():
-    spec = importlib.util.spec_from_file_location("update_budget", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("update_budget")
 
 
 def run(budget, monkeypatch, *argv):
