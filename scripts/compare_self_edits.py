@@ -30,20 +30,11 @@ from typing import Any
 
 from seal.data import Passage, load_passages
 from seal.describe import describe_rows
+from seal.evaluate import answer_means
 from seal.stats import bootstrap_ci, paired_difference
 from seal.utils import read_jsonl, write_json
 
 SELF_EDIT_CONDITIONS = ("trained_generator", "base_generator")
-GRADER = "contains"
-
-
-def mean_by_key(answers: Sequence[Mapping[str, Any]], condition: str) -> dict[tuple[str, int], float]:
-    """{(passage id, self-edit index): mean grade} of one condition's graded answers."""
-    grades: dict[tuple[str, int], list[float]] = defaultdict(list)
-    for a in answers:
-        if a["condition"] == condition:
-            grades[(a["passage_id"], a["self_edit"])].append(float(a[GRADER]))
-    return {key: fmean(v) for key, v in grades.items()}
 
 
 def read_source(spec: str) -> dict[str, Any]:
@@ -65,12 +56,11 @@ def read_source(spec: str) -> dict[str, Any]:
         if len(found) != 1:
             raise SystemExit(f"{path}: name the condition (LABEL=DIR#CONDITION); found {found or 'none'}")
         condition = found[0]
-    answers = read_jsonl(root / "answers.jsonl")
-    adapted = mean_by_key(answers, condition)
+    adapted = answer_means(root, condition)
     no_context = {}
     for baseline in ("trained_base", "base"):  # the model TTT ran on, without training
         if not no_context:
-            no_context = {pid: v for (pid, _), v in mean_by_key(answers, baseline).items()}
+            no_context = {pid: v for (pid, _), v in answer_means(root, baseline).items()}
     rows = read_jsonl(root / f"generations_{condition}.jsonl")
     for r in rows:
         r["adapted_accuracy"] = adapted[(r["passage_id"], r["index"])]
@@ -197,8 +187,7 @@ def main() -> None:
     passages = load_passages(cli.dataset, split=cli.split, limit=cli.num_passages)
     alone = None
     if cli.passage_only:
-        answers = read_jsonl(Path(cli.passage_only) / "answers.jsonl")
-        alone = {pid: v for (pid, _), v in mean_by_key(answers, "passage").items()}
+        alone = {pid: v for (pid, _), v in answer_means(cli.passage_only, "passage").items()}
         missing = [p.id for p in passages if p.id not in alone]
         if missing:
             raise SystemExit(f"{cli.passage_only}: no passage-only answers for {missing[:5]}")

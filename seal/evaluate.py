@@ -500,3 +500,15 @@ def write_outputs(out: Path, results: dict[str, Any], records: list[dict[str, An
     sections.append(markdown_timing(results["minutes"]))
     (out / "results.md").write_text("\n\n".join(sections) + "\n")
     write_jsonl(out / "answers.jsonl", records)
+
+
+def answer_means(
+    out: str | Path, condition: str, grader: str = "contains", setting: str = "single"
+) -> dict[tuple[str, int], float]:
+    """{(passage id, self-edit index): mean grade} of one condition in a finished run's answers.jsonl
+    (the records :func:`graded_answers` writes); empty when the run has no such condition."""
+    sums: dict[tuple[str, int], list[float]] = {}
+    for record in read_jsonl(Path(out) / "answers.jsonl"):
+        if record["condition"] == condition and record["setting"] == setting:
+            sums.setdefault((record["passage_id"], record["self_edit"]), []).append(float(record[grader]))
+    return {key: mean(grades) for key, grades in sums.items()}

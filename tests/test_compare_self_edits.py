@@ -44,12 +44,18 @@ def harness_run(path, edits, no_context=None, passage=None):
     for (pid, index), (status, grades) in edits.items():
         gens.append({"passage_id": pid, "index": index, "status": status, "completion": "Keeper rows."})
         answers += [
-            {"condition": "trained_generator", "passage_id": pid, "self_edit": index, "contains": g}
+            {
+                "setting": "single",
+                "condition": "trained_generator",
+                "passage_id": pid,
+                "self_edit": index,
+                "contains": g,
+            }
             for g in grades
         ]
     for condition, by_passage in (("trained_base", no_context or {}), ("passage", passage or {})):
         answers += [
-            {"condition": condition, "passage_id": pid, "self_edit": 0, "contains": v}
+            {"setting": "single", "condition": condition, "passage_id": pid, "self_edit": 0, "contains": v}
             for pid, v in by_passage.items()
         ]
     write_jsonl(path / "generations_trained_generator.jsonl", gens)
