@@ -30,7 +30,8 @@ from typing import Any
 
 from seal.data import Passage, load_passages
 from seal.describe import describe_rows
-from seal.evaluate import answer_means
+from seal.evaluate import answer_means, passage_means
+from seal.heldout import points
 from seal.stats import bootstrap_ci, paired_difference
 from seal.utils import read_jsonl, write_json
 
@@ -57,10 +58,8 @@ def read_source(spec: str) -> dict[str, Any]:
             raise SystemExit(f"{path}: name the condition (LABEL=DIR#CONDITION); found {found or 'none'}")
         condition = found[0]
     adapted = answer_means(root, condition)
-    no_context = {}
-    for baseline in ("trained_base", "base"):  # the model TTT ran on, without training
-        if not no_context:
-            no_context = {pid: v for (pid, _), v in answer_means(root, baseline).items()}
+    # the model TTT ran on, without training: the trained generator in SEAL's setting, else the base
+    no_context = passage_means(root, "trained_base") or passage_means(root, "base")
     rows = read_jsonl(root / f"generations_{condition}.jsonl")
     for r in rows:
         r["adapted_accuracy"] = adapted[(r["passage_id"], r["index"])]
@@ -137,13 +136,6 @@ def compare(
     return out
 
 
-def _pct(d: Mapping[str, float] | None, signed: bool = False) -> str:
-    if not d:
-        return "–"
-    f = "+.1f" if signed else ".1f"
-    return f"{100 * d['mean']:{f}} [{100 * d['low']:{f}}, {100 * d['high']:{f}}]"
-
-
 def to_markdown(result: Mapping[str, Any]) -> str:
     """The comparison as a Markdown table (accuracies in points)."""
     lines = [
@@ -155,7 +147,7 @@ def to_markdown(result: Mapping[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     if "passage_only" in result:
-        lines.append(f"| passage only | | | {_pct(result['passage_only'])} | | | | | | |")
+        lines.append(f"| passage only | | | {points(result['passage_only'])} | | | | | | |")
     for r in result["rows"]:
         nc = "–" if r["no_context"] is None else f"{100 * r['no_context']:.1f}"
         desc = [
@@ -163,13 +155,13 @@ def to_markdown(result: Mapping[str, Any]) -> str:
             for k in ("edit_words", "edit_copied", "edit_novel")
         ]
         lines.append(
-            f"| {r['label']} | {r['parsed']}/{r['self_edits']} | {nc} | {_pct(r['adapted'])} "
-            f"| {_pct(r['adapted_vs_first'], True)} | {_pct(r['reward'], True)} "
-            f"| {_pct(r['reward_vs_first'], True)} | {' | '.join(desc)} |"
+            f"| {r['label']} | {r['parsed']}/{r['self_edits']} | {nc} | {points(r['adapted'])} "
+            f"| {points(r['adapted_vs_first'], True)} | {points(r['reward'], True)} "
+            f"| {points(r['reward_vs_first'], True)} | {' | '.join(desc)} |"
         )
     if "passage_only" in result:
         lines += ["", "Against passage-only TTT (paired):"]
-        lines += [f"- {r['label']}: {_pct(r['adapted_vs_passage'], True)}" for r in result["rows"]]
+        lines += [f"- {r['label']}: {points(r['adapted_vs_passage'], True)}" for r in result["rows"]]
     return "\n".join(lines) + "\n"
 
 
@@ -187,7 +179,7 @@ def main() -> None:
     passages = load_passages(cli.dataset, split=cli.split, limit=cli.num_passages)
     alone = None
     if cli.passage_only:
-        alone = {pid: v for (pid, _), v in answer_means(cli.passage_only, "passage").items()}
+        alone = passage_means(cli.passage_only, "passage")
         missing = [p.id for p in passages if p.id not in alone]
         if missing:
             raise SystemExit(f"{cli.passage_only}: no passage-only answers for {missing[:5]}")

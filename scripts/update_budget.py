@@ -25,7 +25,7 @@ from typing import Any
 
 from seal.cli import parse_args
 from seal.config import FilterConfig
-from seal.evaluate import answer_means
+from seal.evaluate import passage_means
 from seal.filter import select
 from seal.models import resolve_model_path
 from seal.update import finished_update, update_generator
@@ -43,7 +43,7 @@ def refiltered(path: str, cfg: FilterConfig, passage_only: str | None) -> list[d
     if missing:
         raise SystemExit("\n".join(missing[:10]))
     if passage_only is not None:
-        alone = {pid: v for (pid, _), v in answer_means(passage_only, "passage").items()}
+        alone = passage_means(passage_only, "passage")
         missing = sorted({r["passage_id"] for r in rows} - set(alone))
         if missing:
             raise SystemExit(f"{passage_only}: no passage-only answers for passages {missing[:5]}")

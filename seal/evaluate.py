@@ -512,3 +512,14 @@ def answer_means(
         if record["condition"] == condition and record["setting"] == setting:
             sums.setdefault((record["passage_id"], record["self_edit"]), []).append(float(record[grader]))
     return {key: mean(grades) for key, grades in sums.items()}
+
+
+def passage_means(
+    out: str | Path, condition: str, grader: str = "contains", setting: str = "single"
+) -> dict[str, float]:
+    """{passage id: mean over its self-edits of :func:`answer_means`} (one entry per passage for the
+    conditions without self-edits: base, trained_base, passage)."""
+    by_passage: dict[str, list[float]] = {}
+    for (passage_id, _), value in answer_means(out, condition, grader, setting).items():
+        by_passage.setdefault(passage_id, []).append(value)
+    return {passage_id: mean(values) for passage_id, values in by_passage.items()}
