@@ -7,11 +7,13 @@ answers are checked against the gold ones, as a curve over the confidence thresh
 For each gold question the labeller (the embedded model by default; vLLM when installed) samples
 --samples answers with the passage in context (seal.label, the recipe's defaults otherwise) and picks the
 consensus answer; each confidence measure (agreement, token_prob, both) is then thresholded at 0, 0.05, ..,
-1, with and without the support rule (every content word of the answer in the passage). Per threshold:
-coverage (share of questions kept) and precision (share of kept answers that are correct: token F1 >= 0.5
-against the gold answers; `contains`, gold inside the answer, beside it). The answers are saved
-(`labels.jsonl`) and reused by a rerun with the same arguments. Writes results.json, results.md and
-precision_coverage.png.
+1, with and without the support rule as recipes apply it (the consensus among the samples whose every
+content word occurs in the passage, kept only when there is one). Per threshold: coverage (share of
+questions kept) and precision (share of kept answers that are correct: token F1 >= 0.5 against the gold
+answers; `contains`, gold inside the answer, beside it). The share of questions with at least one correct
+sample bounds every selection rule: at coverage c no rule is more than that share / c correct. The answers
+are saved (`labels.jsonl`) and reused by a rerun with the same arguments. Writes results.json, results.md
+and precision_coverage.png.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from trl import ModelConfig
 from seal.config import GenerateConfig, LabelConfig, VLLMConfig
 from seal.data import load_passages
 from seal.graders import gold_contained, token_f1
-from seal.label import build_labeller, confidence
+from seal.label import Labeller, build_labeller, confidence
 from seal.models import DEFAULT_MODEL
 from seal.report import markdown_rows
 from seal.utils import read_json, read_jsonl, write_json, write_jsonl
@@ -44,7 +46,9 @@ def label_gold_questions(args: argparse.Namespace, out: Path) -> list[dict[str, 
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     cache = out / "labels.jsonl"
     if cache.exists() and read_json(out / "settings.json") == settings:
-        return read_jsonl(cache)
+        rows = read_jsonl(cache)
+        if rows and "selection" in rows[0]:  # else written by an earlier version: judged again below
+            return rows
     passages = load_passages(args.data, split=args.split, limit=args.num_passages)
     cfg = LabelConfig(
         label_num_samples=args.samples,
@@ -72,24 +76,35 @@ def label_gold_questions(args: argparse.Namespace, out: Path) -> list[dict[str, 
             labeller.engine.close()
         write_json(sampled, samples)
         write_json(out / "settings.json", settings)
-    labelled = labeller.judge(passages, questions, samples)
+    # the same samples judged twice: the plain consensus, and the support rule's (the consensus among the
+    # samples the passage supports), which is what a recipe with label_require_support keeps from
+    grounded_cfg = dataclasses.replace(cfg, label_require_support=True)
+    grounded = Labeller(
+        labeller.engine, labeller.tokenizer, grounded_cfg, labeller.use_chat_template, labeller.scorer
+    )
     rows = []
-    for p, lp in zip(passages, labelled, strict=True):
-        for qa, label in zip(p.questions, lp.labels, strict=True):
-            rows.append({
-                "passage_id": p.id,
-                "question": qa.question,
-                "gold": qa.answers,
-                **{k: v for k, v in dataclasses.asdict(label).items() if k != "question"},
-                "f1": token_f1(label.answer, qa.answers),
-                "contains": gold_contained(label.answer, qa.answers),
-            })  # fmt: skip
+    for selection, judge in (("consensus", labeller), ("grounded", grounded)):
+        labelled = judge.judge(passages, questions, samples)
+        for p, lp in zip(passages, labelled, strict=True):
+            for qa, label in zip(p.questions, lp.labels, strict=True):
+                rows.append({
+                    "selection": selection,
+                    "passage_id": p.id,
+                    "question": qa.question,
+                    "gold": qa.answers,
+                    **{k: v for k, v in dataclasses.asdict(label).items() if k != "question"},
+                    "f1": token_f1(label.answer, qa.answers),
+                    "contains": gold_contained(label.answer, qa.answers),
+                    "any_sample_correct": any(token_f1(a, qa.answers) >= CORRECT_F1 for a in label.samples),
+                })  # fmt: skip
     write_jsonl(cache, rows)
     return rows
 
 
 def curve(rows: list[dict[str, Any]], measure: str, support: bool) -> list[dict[str, Any]]:
-    """Coverage and precision of the kept answers at every threshold of one measure."""
+    """Coverage and precision of the kept answers at every threshold of one measure; with `support`, the
+    support rule's answers (the consensus of the supported samples), kept only when supported."""
+    rows = [r for r in rows if r["selection"] == ("grounded" if support else "consensus")]
     points = []
     for t in THRESHOLDS:
         kept = [
@@ -157,24 +172,32 @@ def main() -> None:
     rows = label_gold_questions(args, out)
     curves = {f"{m}{' + support' if s else ''}": curve(rows, m, s) for m in MEASURES for s in (False, True)}
     best = {name: best_point(points) for name, points in curves.items()}
+    plain = [r for r in rows if r["selection"] == "consensus"]
+    any_correct = fmean(r["any_sample_correct"] for r in plain)
     results = {
         "data": args.data,
-        "questions": len(rows),
-        "passages": len({r["passage_id"] for r in rows}),
-        "answered": sum(1 for r in rows if r["answer"]),
-        "precision_all": round(fmean(r["f1"] >= CORRECT_F1 for r in rows), 4),
+        "questions": len(plain),
+        "passages": len({r["passage_id"] for r in plain}),
+        "answered": sum(1 for r in plain if r["answer"]),
+        "precision_all": round(fmean(r["f1"] >= CORRECT_F1 for r in plain), 4),
+        # no choice among these samples does better: at coverage c, precision <= any_sample_correct / c
+        "any_sample_correct": round(any_correct, 4),
+        "precision_bound_at_goal_coverage": round(min(1.0, any_correct / GOAL["coverage"]), 4),
         "goal": GOAL,
         "best_at_goal_coverage": best,
         "curves": curves,
     }
     write_json(out / "results.json", results)
-    plot(curves, out / "precision_coverage.png", f"{args.data.split('/')[-1]}: {len(rows)} gold questions")
+    plot(curves, out / "precision_coverage.png", f"{args.data.split('/')[-1]}: {len(plain)} gold questions")
     summary = [{"curve": name, **(p or {"precision": None})} for name, p in best.items()]
     lines = [
         f"# Pseudo-label quality: {results['questions']} gold questions of {results['passages']} passages "
         f"({args.data})",
         "",
-        f"Every question answered (any confidence): precision {results['precision_all']:.3f}.",
+        f"Every question answered (any confidence): precision {results['precision_all']:.3f}. Questions with "
+        f"at least one correct sample: {results['any_sample_correct']:.3f}, so no choice among these samples "
+        f"is more than {results['precision_bound_at_goal_coverage']:.3f} correct at coverage "
+        f"{GOAL['coverage']}.",
         "",
         f"## Best precision at coverage >= {GOAL['coverage']} (goal: precision >= {GOAL['precision']})",
         "",

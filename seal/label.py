@@ -3,10 +3,11 @@ confidence.
 
 For each passage the labeller (the current model by default) writes up to `label_num_questions` questions,
 then answers each `label_num_samples` times with the passage in context. The pseudo-label is the consensus
-answer (:func:`consensus`). Its confidence is how much the samples agree with it (`agreement`), its
+answer (:func:`consensus`; with `label_require_support`, chosen among the samples whose every content word
+occurs in the passage). Its confidence is how much all the samples agree with it (`agreement`), its
 geometric-mean token probability under the labeller (`token_prob`, teacher-forced on a local model), or the
 smaller of the two (`both`). It is kept when the confidence reaches `label_threshold` and, with
-`label_require_support`, every content word of the answer occurs in the passage. The kept pseudo-labels are
+`label_require_support`, it is supported by the passage. The kept pseudo-labels are
 a SQuAD-style dataset (`questions` with `answer`/`answers`) that `seal.data.load_passages` reads like gold
 data; the rejected ones are kept beside them for review.
 """
@@ -170,19 +171,22 @@ def extract_answer(answer: str, question: str) -> str:
     return " ".join(tokens[start:end]).strip(" ,;:\"'()")
 
 
-def consensus(samples: Sequence[str]) -> tuple[str, float]:
-    """The sample that agrees most with the others, and how much they agree with it.
+def consensus(samples: Sequence[str], candidates: Sequence[str] | None = None) -> tuple[str, float]:
+    """The candidate (by default each sample) that agrees most with the samples, and how much they agree
+    with it.
 
     Agreement of two answers is SQuAD token F1 (1 for equal normalised answers), so free-form answers that
     share their key words agree partly. The chosen answer maximises its summed agreement with all samples
-    (itself included; ties: the first sampled), and its agreement is that sum over the number of samples:
-    the share of samples equal to it when answers are short phrases. Empty answers agree with nothing.
+    (itself included when it is one; ties: the first candidate), and its agreement is that sum over the
+    number of samples: the share of samples equal to it when answers are short phrases. Empty answers agree
+    with nothing.
     """
-    scores = [sum(token_f1(other, [s]) for other in samples) if normalize_answer(s) else 0.0 for s in samples]
-    if not samples or max(scores) == 0.0:
+    pool = samples if candidates is None else candidates
+    scores = [sum(token_f1(other, [c]) for other in samples) if normalize_answer(c) else 0.0 for c in pool]
+    if not pool or max(scores) == 0.0:
         return "", 0.0
     best = scores.index(max(scores))
-    return samples[best], scores[best] / len(samples)
+    return pool[best], scores[best] / len(samples)
 
 
 def supported(answer: str, passage: Passage) -> bool:
@@ -190,6 +194,14 @@ def supported(answer: str, passage: Passage) -> bool:
     content = [w for w in words(answer) if w not in STOPWORDS]
     vocabulary = set(words(f"{passage.title} {passage.context}"))
     return bool(content) and all(w in vocabulary for w in content)
+
+
+def grounded_consensus(samples: Sequence[str], passage: Passage) -> tuple[str, float]:
+    """The consensus among the samples the passage supports, its agreement counted over all samples (a
+    confident invented majority does not hide a supported answer, nor lend it its confidence); the plain
+    consensus, which the support rule then rejects, when no sample is supported."""
+    grounded = [s for s in samples if supported(s, passage)]
+    return consensus(samples, grounded) if grounded else consensus(samples)
 
 
 def confidence(agreement: float, token_prob: float | None, measure: str) -> float:
@@ -275,7 +287,9 @@ class Labeller:
             for p, qs, rows in zip(passages, questions, samples, strict=True)
             for q, row in zip(qs, rows, strict=True)
         ]
-        chosen = [consensus(row) for _, _, row in items]
+        chosen = [
+            grounded_consensus(row, p) if cfg.label_require_support else consensus(row) for p, _, row in items
+        ]
         probs: list[float | None] = [None] * len(items)
         if cfg.label_confidence != "agreement":
             scored = [i for i, (answer, _) in enumerate(chosen) if answer]

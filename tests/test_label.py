@@ -18,6 +18,7 @@ from seal.label import (
     clean_answer,
     consensus,
     extract_answer,
+    grounded_consensus,
     label_summary,
     parse_questions,
     supported,
@@ -87,6 +88,15 @@ def test_consensus_and_agreement():
     assert consensus(["", "  ", "."]) == ("", 0.0)
 
 
+def test_consensus_among_candidates_counts_agreement_over_every_sample():
+    invented = ["Silver Gull", "the Silver Gull", "Bright Heron", "Silver Gull"]
+    assert consensus(invented, ["Bright Heron"]) == ("Bright Heron", 0.25)
+    assert grounded_consensus(invented, PASSAGE) == ("Bright Heron", 0.25)  # the passage names Bright Heron
+    assert consensus(invented)[0] == "Silver Gull"
+    unsupported = ["Silver Gull", "Grey Gull"]
+    assert grounded_consensus(unsupported, PASSAGE) == consensus(unsupported)  # none supported: plain
+
+
 def test_support_needs_every_content_word_in_the_passage():
     assert supported("the Castell yard", PASSAGE) and supported("Quillon", PASSAGE)  # the title counts
     assert not supported("Castell dockyard", PASSAGE) and not supported("the", PASSAGE)
@@ -152,6 +162,23 @@ def test_threshold_and_support_rules_are_the_recipes(tokenizer):
         LabelConfig(label_threshold=1.5)
     with pytest.raises(ValueError, match="endpoint"):
         LabelConfig(label_url="http://127.0.0.1:1/v1", label_confidence="both")
+
+
+def test_support_rule_chooses_among_supported_samples(tokenizer):
+    answers = {"What is the ferry called?": ["Silver Gull", "Silver Gull", "Bright Heron", "Silver Gull"]}
+
+    def name_label(**kw):
+        engine = Scripted("1. What is the ferry called?", answers)
+        return Labeller(engine, tokenizer, LabelConfig(label_num_samples=4, **kw)).label([PASSAGE], 1)[0]
+
+    (grounded,) = name_label(label_threshold=0.25).labels
+    assert (grounded.answer, grounded.agreement, grounded.supported, grounded.kept) == (
+        "Bright Heron", 0.25, True, True
+    )  # fmt: skip
+    (doubtful,) = name_label(label_threshold=0.3).labels  # one sample in four: below the threshold
+    assert doubtful.answer == "Bright Heron" and not doubtful.kept
+    (free,) = name_label(label_threshold=0.0, label_require_support=False).labels
+    assert (free.answer, free.agreement, free.supported, free.kept) == ("Silver Gull", 0.75, False, True)
 
 
 def test_mean_logprobs_match_a_manual_forward(tiny_model, tokenizer):

@@ -47,7 +47,10 @@ class LabelConfig(Checked):
     )
     label_require_support: bool = field(
         default=True,
-        metadata={"help": "Keep only answers whose content words all occur in the passage."},
+        metadata={
+            "help": "Choose the answer among the sampled answers whose content words all occur in the "
+            "passage (agreement still over every sample), and keep only such answers."
+        },
     )
     label_model: str | None = field(
         default=None,
