@@ -13,7 +13,7 @@ questions kept) and precision (share of kept answers that are correct: token F1 
 answers; `contains`, gold inside the answer, beside it). The share of questions with at least one correct
 sample bounds every selection rule: at coverage c no rule is more than that share / c correct. The answers
 are saved (`labels.jsonl`) and reused by a rerun with the same arguments. Writes results.json, results.md
-and precision_coverage.png.
+and precision_coverage.png (with that bound).
 """
 
 from __future__ import annotations
@@ -132,9 +132,12 @@ def best_point(points: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(covered, key=lambda p: (p["precision"], p["coverage"]), default=None)
 
 
-def plot(curves: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
+def plot(curves: dict[str, list[dict[str, Any]]], any_correct: float, path: Path, title: str) -> None:
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.subplots()
+    cs = [c / 100 for c in range(1, 101)]
+    bound = [min(1.0, any_correct / c) for c in cs]  # no selection among the samples does better
+    ax.plot(cs, bound, color="black", lw=0.8, ls=":", label="bound: a correct sample / coverage")
     for name, points in curves.items():
         xs = [p["coverage"] for p in points if p["precision"] is not None]
         ys = [p["precision"] for p in points if p["precision"] is not None]
@@ -188,7 +191,8 @@ def main() -> None:
         "curves": curves,
     }
     write_json(out / "results.json", results)
-    plot(curves, out / "precision_coverage.png", f"{args.data.split('/')[-1]}: {len(plain)} gold questions")
+    title = f"{args.data.split('/')[-1]}: {len(plain)} gold questions"
+    plot(curves, any_correct, out / "precision_coverage.png", title)
     summary = [{"curve": name, **(p or {"precision": None})} for name, p in best.items()]
     lines = [
         f"# Pseudo-label quality: {results['questions']} gold questions of {results['passages']} passages "
